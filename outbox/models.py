@@ -1,0 +1,209 @@
+"""The outbox tables as SQLAlchemy 2 mapped classes.
+
+`OutboxEvent` is what applications add to their own session. The classes use a declarative base
+of this package, so they work in any `Session`/`AsyncSession` whatever the application's own base
+is. The Alembic migrations in `migrations/` create exactly these tables (a test compares them).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    Text,
+    Uuid,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
+
+from outbox import validation
+from outbox.ids import uuid7
+
+JsonColumn = JSON().with_variant(JSONB(), "postgresql")
+SeqColumn = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class OutboxBase(DeclarativeBase):
+    """Declarative base of the outbox tables, separate from the application's own base."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class OutboxEvent(OutboxBase):
+    """A pending event. Add it to the session of the business transaction that causes it.
+
+    >>> session.add(OutboxEvent(topic="orders", key="order-42", payload={"total": 10}))
+    """
+
+    __tablename__ = "outbox_events"
+    __table_args__ = (
+        CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+        CheckConstraint(
+            f"length(topic) BETWEEN 1 AND {validation.MAX_TOPIC_LENGTH}", name="topic_length"
+        ),
+        CheckConstraint(
+            f"key IS NULL OR length(key) BETWEEN 1 AND {validation.MAX_KEY_LENGTH}",
+            name="key_length",
+        ),
+        CheckConstraint(f"bucket >= 0 AND bucket < {validation.BUCKETS}", name="bucket_range"),
+        Index("ix_outbox_events_available_at", "available_at"),
+    )
+
+    #: Per-table monotonic sequence: the delivery order of events that share a key.
+    seq: Mapped[int] = mapped_column(SeqColumn, Identity(), primary_key=True)
+    #: Stable id, sent to the broker so consumers can deduplicate.
+    id: Mapped[uuid.UUID] = mapped_column(Uuid(), nullable=False)
+    topic: Mapped[str] = mapped_column(Text, nullable=False)
+    key: Mapped[str | None] = mapped_column(Text)
+    #: Lease bucket of the key (hash of the key modulo BUCKETS), set from `key` on construction.
+    bucket: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default="0")
+    payload: Mapped[Any] = mapped_column(JsonColumn, nullable=False)
+    headers: Mapped[dict[str, str]] = mapped_column(
+        JsonColumn, nullable=False, server_default="{}"
+    )
+    event_type: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    #: Not before this time: delayed delivery, and the next attempt after a failure.
+    available_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    first_failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    def __init__(
+        self,
+        *,
+        topic: str,
+        payload: Any,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+        event_type: str | None = None,
+        available_at: datetime | None = None,
+        id: uuid.UUID | None = None,  # noqa: A002 - the column's name
+    ) -> None:
+        self.id = id if id is not None else uuid7()
+        self.topic = topic
+        self.key = key  # the key's validator also sets `bucket`
+        self.payload = payload
+        self.headers = headers or {}
+        self.event_type = event_type
+        if available_at is not None:
+            self.available_at = available_at
+
+    @validates("topic")
+    def _validate_topic(self, _: str, value: object) -> str:
+        return validation.check_topic(value)
+
+    @validates("key")
+    def _validate_key(self, _: str, value: object) -> str | None:
+        key = validation.check_key(value)
+        self.bucket = validation.bucket_for(key, str(self.id))
+        return key
+
+    @validates("payload")
+    def _validate_payload(self, _: str, value: object) -> Any:
+        return validation.check_payload(value)[0]
+
+    @validates("headers")
+    def _validate_headers(self, _: str, value: object) -> dict[str, str]:
+        return validation.check_headers(value)
+
+    @validates("event_type")
+    def _validate_event_type(self, _: str, value: object) -> str | None:
+        return validation.check_event_type(value)
+
+    @validates("available_at")
+    def _validate_available_at(self, _: str, value: object) -> datetime:
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            raise validation.OutboxValidationError(
+                "available_at", "must be a timezone-aware datetime"
+            )
+        return value
+
+    def __repr__(self) -> str:
+        return f"OutboxEvent(id={self.id}, topic={self.topic!r}, key={self.key!r})"
+
+
+class DeadLetter(OutboxBase):
+    """An event the relay gave up on. Operators query this table with SQL and replay rows."""
+
+    __tablename__ = "outbox_dead_letters"
+    __table_args__ = (
+        CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+        CheckConstraint("first_failed_at <= last_failed_at", name="failure_times_ordered"),
+        Index("ix_outbox_dead_letters_topic_last_failed_at", "topic", "last_failed_at"),
+        Index("ix_outbox_dead_letters_key", "key"),
+        Index("ix_outbox_dead_letters_last_failed_at", "last_failed_at"),
+    )
+
+    dead_letter_id: Mapped[int] = mapped_column(SeqColumn, Identity(), primary_key=True)
+    #: The event's original id (`outbox_events.id`), unique here.
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid(), nullable=False, unique=True)
+    original_seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    topic: Mapped[str] = mapped_column(Text, nullable=False)
+    key: Mapped[str | None] = mapped_column(Text)
+    payload: Mapped[Any] = mapped_column(JsonColumn, nullable=False)
+    headers: Mapped[dict[str, str]] = mapped_column(JsonColumn, nullable=False)
+    event_type: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False)
+    first_failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    last_failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    error_class: Mapped[str] = mapped_column(Text, nullable=False)
+    error_message: Mapped[str] = mapped_column(Text, nullable=False)
+    relay_id: Mapped[str] = mapped_column(Text, nullable=False)
+
+
+class BucketLease(OutboxBase):
+    """Which relay owns which key bucket, until when. One row per bucket, seeded by migration."""
+
+    __tablename__ = "outbox_bucket_leases"
+    __table_args__ = (
+        CheckConstraint(f"bucket >= 0 AND bucket < {validation.BUCKETS}", name="bucket_range"),
+        CheckConstraint("(owner IS NULL) = (lease_until IS NULL)", name="owner_has_lease"),
+    )
+
+    bucket: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    owner: Mapped[str | None] = mapped_column(Text)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RelayInstance(OutboxBase):
+    """Live relays and their heartbeats; buckets are shared fairly among the live ones."""
+
+    __tablename__ = "outbox_relays"
+
+    relay_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    hostname: Mapped[str] = mapped_column(Text, nullable=False)
+    pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    started_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    heartbeat_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+
+metadata = OutboxBase.metadata

@@ -1,0 +1,171 @@
+"""`outbox-relay`: a thin click shell over `Relay`, `migrate` and the dead-letter queries.
+
+Errors are one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from outbox.errors import OutboxError
+from relay.logs import configure_logging
+from relay.settings import RelaySettings
+
+T = TypeVar("T")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"outbox-relay: error: {message}", err=True)
+    sys.exit(code)
+
+
+def describe(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "settings"
+    return f"{field}: {first['msg']}" + (f" (and {exc.error_count() - 1} more)"
+                                         if exc.error_count() > 1 else "")
+
+
+def load_settings(**given: Any) -> RelaySettings:
+    try:
+        return RelaySettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        fail(describe(exc))
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except (OutboxError, OSError, ValueError, RuntimeError) as exc:
+        fail(f"{type(exc).__name__}: {exc}", 1)
+
+
+def setting_option(name: str, **kw: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A flag backed by the RelaySettings field of the same name and its OUTBOX_* variable."""
+    field = RelaySettings.model_fields[name]
+    return click.option(f"--{name.replace('_', '-')}", name, envvar=f"OUTBOX_{name.upper()}",
+                        show_envvar=True, help=field.description, default=None, **kw)
+
+
+def database_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return setting_option("database_url")(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Transactional outbox relay: publishes committed outbox rows to Kafka or Redis."""
+
+
+@main.command()
+@database_option
+@setting_option("broker", type=click.Choice(["kafka", "redis", "stdout"]))
+@setting_option("kafka_bootstrap")
+@setting_option("redis_url")
+@setting_option("redis_mode", type=click.Choice(["streams", "pubsub"]))
+@setting_option("redis_maxlen", type=int)
+@setting_option("topic_prefix")
+@setting_option("jsonl_path")
+@setting_option("batch_size", type=int)
+@setting_option("poll_interval", type=float)
+@setting_option("lease_seconds", type=float)
+@setting_option("max_attempts", type=int)
+@setting_option("backoff_base", type=float)
+@setting_option("backoff_factor", type=float)
+@setting_option("backoff_max", type=float)
+@setting_option("shutdown_timeout", type=float)
+@setting_option("relay_id")
+@setting_option("log_format", type=click.Choice(["auto", "json", "console"]))
+@setting_option("log_level", type=click.Choice(["debug", "info", "warning", "error"]))
+def run(**given: Any) -> None:
+    """Run the relay until SIGTERM or SIGINT."""
+    settings = load_settings(**given)
+    configure_logging(settings.log_format, settings.log_level)
+    from relay.factory import build_relay
+
+    async def _main() -> None:
+        relay = build_relay(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, relay.request_stop)
+        await relay.run()
+
+    run_async(_main())
+
+
+@main.command()
+@database_option
+@click.option("--sql", is_flag=True, help="Print the SQL instead of running it (for DBAs).")
+@click.option("--downgrade", "downgrade_to", metavar="REV", help="Downgrade to REV (or 'base').")
+@click.option("--check", is_flag=True, help="Exit 1 unless the database is at the head revision.")
+def migrate(database_url: str | None, sql: bool, downgrade_to: str | None, check: bool) -> None:
+    """Create or upgrade the outbox tables (their own Alembic history)."""
+    from relay import migrate as m
+
+    url = database_url or ("postgresql://" if sql else None)
+    if url is None:
+        fail("database_url: missing; pass --database-url or set OUTBOX_DATABASE_URL")
+    if check:
+        current = run_async(m.current_revision(url))
+        head = m.head_revision()
+        if current != head:
+            fail(f"database is at {current or 'no revision'}, head is {head}", 1)
+        click.echo(f"at head ({head})")
+        return
+    try:
+        if downgrade_to:
+            m.downgrade(url, downgrade_to, sql=sql)
+        else:
+            m.upgrade(url, sql=sql)
+    except Exception as exc:  # noqa: BLE001 - one line, no traceback, for every failure
+        fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
+
+
+@main.group()
+def dlq() -> None:
+    """Inspect and replay dead letters (also plain SQL: SELECT * FROM outbox_dead_letters)."""
+
+
+@dlq.command("list")
+@database_option
+@click.option("--topic", help="Only this topic.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+def dlq_list(database_url: str | None, topic: str | None, limit: int) -> None:
+    """Show the newest dead letters, one per line."""
+    from relay.admin import list_dead_letters
+
+    settings = load_settings(database_url=database_url)
+    for row in run_async(list_dead_letters(settings.database_url, topic, limit)):
+        click.echo("\t".join("" if v is None else str(v) for v in row.values()))
+
+
+@dlq.command("replay")
+@database_option
+@click.option("--id", "event_ids", multiple=True, help="Event id to replay (repeatable).")
+@click.option("--topic", help="Replay every dead letter of this topic.")
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
+def dlq_replay(database_url: str | None, event_ids: tuple[str, ...], topic: str | None,
+               replay_all: bool) -> None:
+    """Move dead letters back into the outbox, at the end of the queue, attempts reset."""
+    from relay.admin import replay_dead_letters
+
+    if not (event_ids or topic or replay_all):
+        fail("choose what to replay: --id ID (repeatable), --topic NAME or --all")
+    try:
+        ids = [uuid.UUID(i) for i in event_ids] or None
+    except ValueError:
+        fail(f"--id: {', '.join(event_ids)} is not a valid UUID")
+    settings = load_settings(database_url=database_url)
+    count = run_async(replay_dead_letters(settings.database_url, ids, topic))
+    click.echo(f"replayed {count} dead letter(s)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,52 @@
+"""Builds a `Relay` (store + publisher) from `RelaySettings`. The one place that knows every
+implementation; the loop itself knows only the seams."""
+
+from __future__ import annotations
+
+from outbox.urls import is_sqlite
+from relay.publishers.stdout import JsonLinesPublisher
+from relay.relay import Relay
+from relay.retry import RetryPolicy
+from relay.seams import Publisher, Store
+from relay.settings import RelaySettings
+
+
+def build_store(settings: RelaySettings) -> Store:
+    if is_sqlite(settings.database_url):
+        from relay.stores.sqlite import SqliteStore
+
+        return SqliteStore(settings.database_url)
+    from relay.stores.postgres import PostgresStore
+
+    return PostgresStore(settings.database_url, lease_seconds=settings.lease_seconds)
+
+
+def build_publisher(settings: RelaySettings) -> Publisher:
+    if settings.broker == "kafka":
+        from relay.publishers.kafka import KafkaPublisher
+
+        return KafkaPublisher(settings.kafka_bootstrap, topic_prefix=settings.topic_prefix)
+    if settings.broker == "redis":
+        from relay.publishers.redis import RedisPublisher
+
+        return RedisPublisher(settings.redis_url, mode=settings.redis_mode,
+                              maxlen=settings.redis_maxlen, topic_prefix=settings.topic_prefix)
+    return JsonLinesPublisher(settings.jsonl_path)
+
+
+def build_relay(settings: RelaySettings) -> Relay:
+    return Relay(
+        build_store(settings),
+        build_publisher(settings),
+        relay_id=settings.relay_id,
+        batch_size=settings.batch_size,
+        poll_interval=settings.poll_interval,
+        lease_seconds=settings.lease_seconds,
+        retry_policy=RetryPolicy(
+            base_seconds=settings.backoff_base,
+            factor=settings.backoff_factor,
+            max_seconds=settings.backoff_max,
+            max_attempts=settings.max_attempts,
+        ),
+        shutdown_timeout=settings.shutdown_timeout,
+    )

@@ -1,0 +1,126 @@
+"""Kafka publisher: an idempotent aiokafka producer with acks=all; only acked events count."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    NodeNotReadyError,
+    RequestTimedOutError,
+)
+
+from outbox.envelope import Envelope
+from relay.seams import BrokerUnavailableError, Failure, PublishResult
+
+log = structlog.get_logger("relay.kafka")
+
+#: Failures that say "the broker is not there", not "this event is bad".
+BROKER_DOWN = (KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError, RequestTimedOutError,
+               ConnectionError, TimeoutError)
+HELD_BACK = Failure("HeldBack", "an earlier event of this key failed", retriable=True,
+                    counted=False)
+
+
+def classify(exc: BaseException) -> Failure:
+    """Retriable Kafka errors are retried with backoff; anything else is poison."""
+    retriable = isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
+    return Failure.of(exc, retriable=retriable or isinstance(exc, BROKER_DOWN))
+
+
+class _NotStarted:
+    """Stands in for the producer before start(): a clear error instead of None checks."""
+
+    async def send(self, *_: Any, **__: Any) -> Any:
+        raise RuntimeError("KafkaPublisher.start() was not called")
+
+    async def stop(self) -> None:
+        return None
+
+
+class KafkaPublisher:
+    name = "kafka"
+
+    def __init__(self, bootstrap_servers: str, *, topic_prefix: str = "",
+                 request_timeout_ms: int = 15_000, **producer_options: Any) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.topic_prefix = topic_prefix
+        self._options: dict[str, Any] = {
+            "enable_idempotence": True,
+            "acks": "all",
+            "linger_ms": 0,
+            "max_batch_size": 512 * 1024,
+            "max_request_size": 2 * 1024 * 1024,
+            "request_timeout_ms": request_timeout_ms,
+            "client_id": "outbox-relay",
+            **producer_options,
+        }
+        self._producer: AIOKafkaProducer | _NotStarted = _NotStarted()
+        self._broken = False
+
+    async def start(self) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, **self._options)
+        try:
+            await producer.start()
+        except BROKER_DOWN as exc:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise BrokerUnavailableError(f"kafka {self.bootstrap_servers}: {exc!r}") from exc
+        self._producer = producer
+        self._broken = False
+
+    async def stop(self) -> None:
+        producer, self._producer = self._producer, _NotStarted()
+        await producer.stop()  # flushes what is still buffered
+
+    async def _restart(self) -> None:
+        old, self._producer = self._producer, _NotStarted()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(old.stop(), 5)
+        await self.start()
+
+    async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
+        if self._broken:
+            await self._restart()  # after an outage a fresh producer resets its sequences
+        results: list[PublishResult] = [None] * len(batch)
+        pending: list[tuple[int, asyncio.Future[Any]]] = []
+        blocked: set[str] = set()
+        for i, event in enumerate(batch):
+            if event.key is not None and event.key in blocked:
+                results[i] = HELD_BACK
+                continue
+            try:
+                future = await self._producer.send(
+                    self.topic_prefix + event.topic,
+                    value=event.payload,
+                    key=event.key.encode() if event.key is not None else None,
+                    headers=event.kafka_headers(),
+                )
+            except BROKER_DOWN as exc:
+                self._broken = True
+                raise BrokerUnavailableError(f"kafka {self.bootstrap_servers}: {exc!r}") from exc
+            except Exception as exc:  # noqa: BLE001 - every send error is reported per event
+                results[i] = classify(exc)
+                if results[i].retriable and event.key is not None:  # type: ignore[union-attr]
+                    blocked.add(event.key)
+            else:
+                pending.append((i, future))
+        outcomes = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+        failures = 0
+        down = 0
+        for (i, _), outcome in zip(pending, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                failures += 1
+                down += isinstance(outcome, BROKER_DOWN)
+                results[i] = classify(outcome)
+        if pending and down == len(pending):
+            self._broken = True
+            raise BrokerUnavailableError(f"kafka {self.bootstrap_servers}: every send timed out")
+        return results

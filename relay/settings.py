@@ -1,0 +1,57 @@
+"""One typed settings model for the relay. Every field is an OUTBOX_* environment variable and
+a flag of `outbox-relay run`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from outbox.urls import is_postgres, is_sqlite, redact
+
+
+def default_relay_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class RelaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OUTBOX_", extra="forbid", frozen=True)
+
+    database_url: str = Field(description="postgresql://user:pass@host/db (or sqlite:///file)")
+    broker: Literal["kafka", "redis", "stdout"] = Field("kafka", description="where to publish")
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
+    redis_mode: Literal["streams", "pubsub"] = Field(
+        "streams", description="streams (durable) or pubsub (at-most-once, opt-in)"
+    )
+    redis_maxlen: int | None = Field(None, gt=0, description="approximate MAXLEN per stream")
+    topic_prefix: str = Field("", description="prefix added to every topic / stream name")
+    jsonl_path: str | None = Field(None, description="stdout broker: append to this file")
+    batch_size: int = Field(500, ge=1, le=10_000, description="events claimed per batch")
+    poll_interval: float = Field(1.0, gt=0, le=3600, description="seconds between polls")
+    lease_seconds: float = Field(15.0, ge=1, le=3600, description="bucket lease length")
+    max_attempts: int = Field(10, ge=1, le=1000, description="attempts before dead-lettering")
+    backoff_base: float = Field(1.0, gt=0, description="first retry delay, seconds")
+    backoff_factor: float = Field(2.0, ge=1, description="retry delay growth factor")
+    backoff_max: float = Field(300.0, gt=0, description="longest retry delay, seconds")
+    shutdown_timeout: float = Field(10.0, gt=0, description="seconds to finish in-flight work")
+    relay_id: str = Field(default_factory=default_relay_id, description="unique per process")
+    log_format: Literal["auto", "json", "console"] = Field("auto", description="log rendering")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if not (is_postgres(value) or is_sqlite(value)):
+            raise ValueError(f"{redact(value)!r} must start with postgresql:// or sqlite://")
+        return value
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> RelaySettings:
+        if self.backoff_max < self.backoff_base:
+            raise ValueError("backoff_max must be >= backoff_base")
+        return self

@@ -1,0 +1,184 @@
+"""The production store: PostgreSQL through asyncpg. SQL comes from relay/queries.sql only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import asyncpg
+import structlog
+
+from outbox.envelope import Envelope
+from outbox.urls import asyncpg_dsn, redact
+from outbox.validation import BUCKETS
+from relay.seams import Dead, Retry, StoreUnavailableError
+from relay.sql import QUERIES
+
+log = structlog.get_logger("relay.store")
+
+NOTIFY_CHANNEL = "outbox_events"
+#: Errors that mean "the database is not reachable now", not "this statement is wrong".
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    TimeoutError,
+)
+
+
+def _count(status: str) -> int:
+    """Rows changed, from a command tag such as 'DELETE 12' or 'INSERT 0 3'."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+class PostgresStore:
+    def __init__(self, database_url: str, *, lease_seconds: float = 15.0,
+                 pool_size: int = 4, listen: bool = True) -> None:
+        self._dsn = asyncpg_dsn(database_url)
+        self._safe_url = redact(database_url)
+        self.lease_seconds = lease_seconds
+        self._pool_size = pool_size
+        self._listen = listen
+        self._pool: asyncpg.Pool | None = None
+        self._relay_id = ""
+        self._wake: Callable[[], None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("PostgresStore.start() was not called")
+        return self._pool
+
+    async def start(self, relay_id: str) -> None:
+        self._relay_id = relay_id
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn, min_size=1, max_size=self._pool_size,
+                server_settings={"application_name": f"outbox-relay {relay_id}"[:63]},
+            )
+        except CONNECTION_ERRORS as exc:
+            raise StoreUnavailableError(f"{self._safe_url}: {exc}") from exc
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        if self._pool is None:
+            return
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(QUERIES["release_all"], self._relay_id)
+                await conn.execute(QUERIES["deregister"], self._relay_id)
+        finally:
+            await self.pool.close()
+            self._pool = None
+
+    async def _run(self, query: str, *args: Any) -> str:
+        try:
+            result: str = await self.pool.execute(QUERIES[query], *args)
+        except CONNECTION_ERRORS as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+        return result
+
+    async def claim(self, limit: int) -> list[Envelope]:
+        try:
+            rows = await self.pool.fetch(QUERIES["claim_batch"], self._relay_id, limit)
+        except CONNECTION_ERRORS as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+        return [
+            Envelope(
+                seq=r["seq"], id=r["id"], topic=r["topic"], key=r["key"],
+                payload=r["payload"].encode(),
+                headers=json.loads(r["headers"]) if r["headers"] != "{}" else {},
+                event_type=r["event_type"], created_at=r["created_at"], attempts=r["attempts"],
+            )
+            for r in rows
+        ]
+
+    async def mark_delivered(self, seqs: Sequence[int]) -> int:
+        return _count(await self._run("delete_delivered", self._relay_id, seqs))
+
+    async def schedule_retries(self, retries: Sequence[Retry]) -> int:
+        return _count(await self._run(
+            "schedule_retries", self._relay_id, [r.seq for r in retries],
+            [r.delay_seconds for r in retries], [r.error for r in retries],
+        ))
+
+    async def move_to_dead_letters(self, dead: Sequence[Dead]) -> int:
+        return _count(await self._run(
+            "move_to_dead_letters", self._relay_id, [d.seq for d in dead],
+            [d.error_class for d in dead], [d.error_message for d in dead],
+        ))
+
+    async def maintain_leases(self, *, rebalance: bool) -> int:
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(QUERIES["heartbeat"], self._relay_id, socket.gethostname(),
+                                   os.getpid())
+                owned = [r["bucket"] for r in
+                         await conn.fetch(QUERIES["renew_leases"], self._relay_id,
+                                          self.lease_seconds)]
+                if not rebalance:
+                    return len(owned)
+                live = [r["relay_id"] for r in
+                        await conn.fetch(QUERIES["live_relays"], self.lease_seconds)]
+                index = live.index(self._relay_id) if self._relay_id in live else 0
+                share, extra = divmod(BUCKETS, max(1, len(live)))
+                target = share + (1 if index < extra else 0)
+                if len(owned) > target:
+                    give_back = sorted(owned)[target:]
+                    await conn.execute(QUERIES["release_buckets"], self._relay_id, give_back)
+                    owned = sorted(owned)[:target]
+                    log.info("buckets_released", count=len(give_back), owned=len(owned))
+                elif len(owned) < target:
+                    got = await conn.fetch(QUERIES["acquire_buckets"], self._relay_id,
+                                           target - len(owned), self.lease_seconds)
+                    if got:
+                        owned += [r["bucket"] for r in got]
+                        log.info("buckets_acquired", count=len(got), owned=len(owned),
+                                 live_relays=len(live))
+                await conn.execute(QUERIES["forget_dead_relays"])
+                return len(owned)
+        except CONNECTION_ERRORS as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+
+    def on_new_events(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        if self._listen and self._listener is None:
+            self._listener = asyncio.create_task(self._listen_forever(), name="outbox-listen")
+
+    async def _listen_forever(self) -> None:
+        """A dedicated LISTEN connection, pinged and reconnected with backoff when it drops."""
+        pause = 0.5
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self._dsn)
+                await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                pause = 0.5
+                if self._wake is not None:
+                    self._wake()  # notifications may have been missed while disconnected
+                while True:
+                    await asyncio.sleep(5.0)
+                    await asyncio.wait_for(conn.execute("SELECT 1"), 5.0)
+            except CONNECTION_ERRORS as exc:
+                log.warning("listener_reconnecting", error=str(exc), retry_in=pause)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(conn.close(timeout=1))
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 30.0)
+
+    def _on_notify(self, *_: object) -> None:
+        if self._wake is not None:
+            self._wake()
