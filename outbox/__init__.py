@@ -1,4 +1,5 @@
-"""Transactional outbox: add `OutboxEvent` rows in your business transaction; a relay publishes them."""
+"""Transactional outbox: add `OutboxEvent` rows in your business transaction;
+a relay publishes them."""
 
 from outbox.envelope import Envelope
 from outbox.errors import OutboxError, OutboxValidationError

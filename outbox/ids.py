@@ -19,7 +19,7 @@ _counter = 0
 
 def uuid7() -> uuid.UUID:
     """Return a new UUIDv7 whose order follows creation order within this process."""
-    global _last_ms, _counter  # noqa: PLW0603 - module-level monotonic state is the point
+    global _last_ms, _counter
     with _lock:
         ms = time.time_ns() // 1_000_000
         if ms > _last_ms:

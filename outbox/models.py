@@ -8,7 +8,7 @@ is. The Alembic migrations in `migrations/` create exactly these tables (a test 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -22,17 +22,45 @@ from sqlalchemy import (
     MetaData,
     SmallInteger,
     Text,
+    TypeDecorator,
     Uuid,
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 
 from outbox import validation
+from outbox.errors import OutboxValidationError
 from outbox.ids import uuid7
 
 JsonColumn = JSON().with_variant(JSONB(), "postgresql")
 SeqColumn = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """`DateTime(timezone=True)` that means UTC on every backend.
+
+    SQLite has no time zone type and SQLAlchemy's SQLite DateTime silently drops `tzinfo`, so
+    aware values are converted to UTC before they are written (stored there as naive UTC text,
+    like CURRENT_TIMESTAMP), and naive values read back are UTC-aware again. Postgres keeps
+    `timestamptz`; the DDL is unchanged.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None or value.tzinfo is None:
+            return value
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -66,6 +94,8 @@ class OutboxEvent(OutboxBase):
         ),
         CheckConstraint(f"bucket >= 0 AND bucket < {validation.BUCKETS}", name="bucket_range"),
         Index("ix_outbox_events_available_at", "available_at"),
+        # SQLite: never reuse a seq after the table empties (consumers may order by it).
+        {"sqlite_autoincrement": True},
     )
 
     #: Per-table monotonic sequence: the delivery order of events that share a key.
@@ -77,19 +107,17 @@ class OutboxEvent(OutboxBase):
     #: Lease bucket of the key (hash of the key modulo BUCKETS), set from `key` on construction.
     bucket: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default="0")
     payload: Mapped[Any] = mapped_column(JsonColumn, nullable=False)
-    headers: Mapped[dict[str, str]] = mapped_column(
-        JsonColumn, nullable=False, server_default="{}"
-    )
+    headers: Mapped[dict[str, str]] = mapped_column(JsonColumn, nullable=False, server_default="{}")
     event_type: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), nullable=False, server_default=func.now()
+        UtcDateTime(), nullable=False, server_default=func.now()
     )
     #: Not before this time: delayed delivery, and the next attempt after a failure.
     available_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), nullable=False, server_default=func.now()
+        UtcDateTime(), nullable=False, server_default=func.now()
     )
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
-    first_failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    first_failed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
 
     def __init__(
@@ -101,7 +129,7 @@ class OutboxEvent(OutboxBase):
         headers: dict[str, str] | None = None,
         event_type: str | None = None,
         available_at: datetime | None = None,
-        id: uuid.UUID | None = None,  # noqa: A002 - the column's name
+        id: uuid.UUID | None = None,
     ) -> None:
         self.id = id if id is not None else uuid7()
         self.topic = topic
@@ -137,9 +165,7 @@ class OutboxEvent(OutboxBase):
     @validates("available_at")
     def _validate_available_at(self, _: str, value: object) -> datetime:
         if not isinstance(value, datetime) or value.tzinfo is None:
-            raise validation.OutboxValidationError(
-                "available_at", "must be a timezone-aware datetime"
-            )
+            raise OutboxValidationError("available_at", "must be a timezone-aware datetime")
         return value
 
     def __repr__(self) -> str:
@@ -167,10 +193,10 @@ class DeadLetter(OutboxBase):
     payload: Mapped[Any] = mapped_column(JsonColumn, nullable=False)
     headers: Mapped[dict[str, str]] = mapped_column(JsonColumn, nullable=False)
     event_type: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), nullable=False)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False)
-    first_failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
-    last_failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    first_failed_at: Mapped[datetime] = mapped_column(UtcDateTime(), nullable=False)
+    last_failed_at: Mapped[datetime] = mapped_column(UtcDateTime(), nullable=False)
     error_class: Mapped[str] = mapped_column(Text, nullable=False)
     error_message: Mapped[str] = mapped_column(Text, nullable=False)
     relay_id: Mapped[str] = mapped_column(Text, nullable=False)
@@ -187,7 +213,7 @@ class BucketLease(OutboxBase):
 
     bucket: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
     owner: Mapped[str | None] = mapped_column(Text)
-    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class RelayInstance(OutboxBase):
@@ -199,10 +225,10 @@ class RelayInstance(OutboxBase):
     hostname: Mapped[str] = mapped_column(Text, nullable=False)
     pid: Mapped[int] = mapped_column(Integer, nullable=False)
     started_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), nullable=False, server_default=func.now()
+        UtcDateTime(), nullable=False, server_default=func.now()
     )
     heartbeat_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), nullable=False, server_default=func.now()
+        UtcDateTime(), nullable=False, server_default=func.now()
     )
 
 

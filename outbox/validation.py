@@ -27,6 +27,8 @@ RESERVED_HEADER_PREFIX = "outbox-"
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 #: Keys are hashed into this many buckets; a relay leases buckets, so one key has one owner.
 BUCKETS = 64
+#: A JSON-escaped NUL (\u0000) not itself escaped: Postgres jsonb cannot store it.
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def max_payload_bytes() -> int:
@@ -84,7 +86,8 @@ def check_event_type(event_type: object) -> str | None:
         raise OutboxValidationError("event_type", "must be a non-empty str or None")
     if len(event_type) > MAX_EVENT_TYPE_LENGTH:
         raise OutboxValidationError(
-            "event_type", f"is {len(event_type)} characters long, the limit is {MAX_EVENT_TYPE_LENGTH}"
+            "event_type",
+            f"is {len(event_type)} characters long, the limit is {MAX_EVENT_TYPE_LENGTH}",
         )
     _check_text("event_type", event_type)
     return event_type
@@ -130,12 +133,14 @@ def check_payload(payload: object) -> tuple[Any, int]:
         encoded = json.dumps(payload, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise OutboxValidationError("payload", f"is not JSON-serialisable: {exc}") from None
-    if "\\u0000" in encoded:
+    if _ESCAPED_NUL.search(encoded):
         raise OutboxValidationError("payload", "contains a NUL character, which Postgres rejects")
     try:
         size = len(encoded.encode("utf-8"))
     except UnicodeEncodeError:
-        raise OutboxValidationError("payload", "contains a lone surrogate; not valid UTF-8") from None
+        raise OutboxValidationError(
+            "payload", "contains a lone surrogate; not valid UTF-8"
+        ) from None
     limit = max_payload_bytes()
     if size > limit:
         raise OutboxValidationError(

@@ -12,8 +12,9 @@ from outbox.validation import bucket_for
 from relay.sql import QUERIES
 
 
-async def list_dead_letters(database_url: str, topic: str | None,
-                            limit: int) -> list[dict[str, Any]]:
+async def list_dead_letters(
+    database_url: str, topic: str | None, limit: int
+) -> list[dict[str, Any]]:
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         return [dict(r) for r in await conn.fetch(QUERIES["list_dead_letters"], topic, limit)]
@@ -21,8 +22,9 @@ async def list_dead_letters(database_url: str, topic: str | None,
         await conn.close()
 
 
-async def replay_dead_letters(database_url: str, event_ids: list[uuid.UUID] | None,
-                              topic: str | None) -> int:
+async def replay_dead_letters(
+    database_url: str, event_ids: list[uuid.UUID] | None, topic: str | None
+) -> int:
     """Move the chosen dead letters back into outbox_events in one transaction."""
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
@@ -31,11 +33,14 @@ async def replay_dead_letters(database_url: str, event_ids: list[uuid.UUID] | No
             if rows:
                 await conn.execute(
                     QUERIES["requeue_events"],
-                    [r["event_id"] for r in rows], [r["topic"] for r in rows],
+                    [r["event_id"] for r in rows],
+                    [r["topic"] for r in rows],
                     [r["key"] for r in rows],
                     [bucket_for(r["key"], str(r["event_id"])) for r in rows],
-                    [r["payload"] for r in rows], [r["headers"] for r in rows],
-                    [r["event_type"] for r in rows], [r["created_at"] for r in rows],
+                    [r["payload"] for r in rows],
+                    [r["headers"] for r in rows],
+                    [r["event_type"] for r in rows],
+                    [r["created_at"] for r in rows],
                 )
         return len(rows)
     finally:

@@ -30,8 +30,9 @@ def fail(message: str, code: int = 2) -> NoReturn:
 def describe(exc: ValidationError) -> str:
     first = exc.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or "settings"
-    return f"{field}: {first['msg']}" + (f" (and {exc.error_count() - 1} more)"
-                                         if exc.error_count() > 1 else "")
+    return f"{field}: {first['msg']}" + (
+        f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    )
 
 
 def load_settings(**given: Any) -> RelaySettings:
@@ -51,8 +52,15 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 def setting_option(name: str, **kw: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """A flag backed by the RelaySettings field of the same name and its OUTBOX_* variable."""
     field = RelaySettings.model_fields[name]
-    return click.option(f"--{name.replace('_', '-')}", name, envvar=f"OUTBOX_{name.upper()}",
-                        show_envvar=True, help=field.description, default=None, **kw)
+    return click.option(
+        f"--{name.replace('_', '-')}",
+        name,
+        envvar=f"OUTBOX_{name.upper()}",
+        show_envvar=True,
+        help=field.description,
+        default=None,
+        **kw,
+    )
 
 
 def database_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -124,7 +132,7 @@ def migrate(database_url: str | None, sql: bool, downgrade_to: str | None, check
             m.downgrade(url, downgrade_to, sql=sql)
         else:
             m.upgrade(url, sql=sql)
-    except Exception as exc:  # noqa: BLE001 - one line, no traceback, for every failure
+    except Exception as exc:
         fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
 
 
@@ -151,8 +159,9 @@ def dlq_list(database_url: str | None, topic: str | None, limit: int) -> None:
 @click.option("--id", "event_ids", multiple=True, help="Event id to replay (repeatable).")
 @click.option("--topic", help="Replay every dead letter of this topic.")
 @click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
-def dlq_replay(database_url: str | None, event_ids: tuple[str, ...], topic: str | None,
-               replay_all: bool) -> None:
+def dlq_replay(
+    database_url: str | None, event_ids: tuple[str, ...], topic: str | None, replay_all: bool
+) -> None:
     """Move dead letters back into the outbox, at the end of the queue, attempts reset."""
     from relay.admin import replay_dead_letters
 
@@ -165,6 +174,23 @@ def dlq_replay(database_url: str | None, event_ids: tuple[str, ...], topic: str 
     settings = load_settings(database_url=database_url)
     count = run_async(replay_dead_letters(settings.database_url, ids, topic))
     click.echo(f"replayed {count} dead letter(s)")
+
+
+@main.command()
+@click.option("--keep", is_flag=True, help="Keep the temporary directory and print its path.")
+@click.option(
+    "--jsonl",
+    "jsonl_path",
+    metavar="PATH",
+    type=click.Path(dir_okay=False),
+    help="Append the published events as JSON lines to PATH.",
+)
+def demo(keep: bool, jsonl_path: str | None) -> None:
+    """Run the outbox end to end on a throwaway SQLite database (no servers needed)."""
+    configure_logging("console", "error")  # the demo fails events on purpose; keep it quiet
+    from relay.demo import run_demo
+
+    run_async(run_demo(keep=keep, jsonl_path=jsonl_path))
 
 
 if __name__ == "__main__":  # pragma: no cover

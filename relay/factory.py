@@ -29,8 +29,12 @@ def build_publisher(settings: RelaySettings) -> Publisher:
     if settings.broker == "redis":
         from relay.publishers.redis import RedisPublisher
 
-        return RedisPublisher(settings.redis_url, mode=settings.redis_mode,
-                              maxlen=settings.redis_maxlen, topic_prefix=settings.topic_prefix)
+        return RedisPublisher(
+            settings.redis_url,
+            mode=settings.redis_mode,
+            maxlen=settings.redis_maxlen,
+            topic_prefix=settings.topic_prefix,
+        )
     return JsonLinesPublisher(settings.jsonl_path)
 
 

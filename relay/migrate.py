@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import io
 from importlib.resources import as_file, files
+from typing import TextIO
 
 from alembic import command
 from alembic.config import Config
@@ -16,7 +16,7 @@ from outbox.urls import sqlalchemy_async_url
 VERSION_TABLE = "outbox_alembic_version"
 
 
-def alembic_config(database_url: str, stdout: io.TextIOBase | None = None) -> Config:
+def alembic_config(database_url: str, stdout: TextIO | None = None) -> Config:
     location = files("outbox.migrations")
     with as_file(location) as path:  # a real directory for installed wheels and editable installs
         config = Config(stdout=stdout) if stdout is not None else Config()
@@ -64,4 +64,3 @@ def _offline_url(database_url: str) -> str:
     # Printing SQL needs only the dialect, never a connection.
     del database_url
     return "postgresql://"
-

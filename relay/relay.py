@@ -44,6 +44,7 @@ class RelayStats:
     fenced_off: int = 0
     owned_buckets: int = 0
     idle: bool = False
+    stopped: bool = False
 
 
 class Relay:
@@ -93,38 +94,56 @@ class Relay:
             await self._changed.wait_for(lambda: predicate(self.stats))
 
     async def run(self) -> None:
-        """Run until `request_stop()`. Always releases leases and stops the publisher."""
-        loop = asyncio.get_running_loop()
+        """Run until `request_stop()`. Always releases leases and stops the publisher.
+
+        If the loop dies of an unexpected error, the relay stops and `run()` re-raises it, so
+        a supervisor sees it instead of a relay that renews leases but publishes nothing."""
         await self._start()
-        log.info("relay_started", relay_id=self.relay_id, publisher=self.publisher.name,
-                 batch_size=self.batch_size, owned_buckets=self.stats.owned_buckets)
+        log.info(
+            "relay_started",
+            relay_id=self.relay_id,
+            publisher=self.publisher.name,
+            batch_size=self.batch_size,
+            owned_buckets=self.stats.owned_buckets,
+        )
         work = asyncio.create_task(self._loop(), name="outbox-relay-loop")
         leases = asyncio.create_task(self._renew_leases(), name="outbox-relay-leases")
+        stopping = asyncio.create_task(self._stopping.wait())
         try:
-            await self._stopping.wait()
-            started = loop.time()
-            try:
-                await asyncio.wait_for(asyncio.shield(work), self.shutdown_timeout)
-            except TimeoutError:
-                log.warning("shutdown_timeout", relay_id=self.relay_id,
-                            seconds=self.shutdown_timeout)
-            log.debug("loop_stopped", seconds=round(loop.time() - started, 3))
+            await asyncio.wait({work, leases, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            self._stopping.set()
+            if not work.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(work), self.shutdown_timeout)
+                except TimeoutError:
+                    log.warning(
+                        "shutdown_timeout", relay_id=self.relay_id, seconds=self.shutdown_timeout
+                    )
         finally:
             self._stopping.set()
-            for task in (work, leases):
+            for task in (work, leases, stopping):
                 task.cancel()
-            for task in (work, leases):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await asyncio.gather(work, leases, stopping, return_exceptions=True)
             await self._shutdown()
-            log.info("relay_stopped", relay_id=self.relay_id, delivered=self.stats.delivered,
-                     dead_lettered=self.stats.dead_lettered)
+            log.info(
+                "relay_stopped",
+                relay_id=self.relay_id,
+                delivered=self.stats.delivered,
+                dead_lettered=self.stats.dead_lettered,
+            )
+            async with self._changed:
+                self.stats.stopped = True
+                self._changed.notify_all()
+        for task in (work, leases):
+            if not task.cancelled() and task.exception() is not None:
+                log.error("relay_crashed", error=repr(task.exception()))
+                raise task.exception()  # type: ignore[misc]
 
     async def drain(self) -> RelayStats:
         """Run until no event is claimable right now, then stop. For tests and one-shot jobs."""
         task = asyncio.create_task(self.run())
         try:
-            await self.wait_for(lambda s: s.idle, timeout=3600)
+            await self.wait_for(lambda s: s.idle or s.stopped, timeout=3600)
         finally:
             self.request_stop()
             await task
@@ -146,24 +165,28 @@ class Relay:
                     raise
         self._next_rebalance = asyncio.get_running_loop().time() + self.lease_seconds / 3
         self.store.on_new_events(self.wake)
-        while True:
-            try:
-                await self.publisher.start()
-                return
-            except BrokerUnavailableError as exc:
-                pause = self._breaker.record_failure()
-                self.stats.broker_failures += 1
-                log.warning("broker_unavailable", error=str(exc), retry_in=round(pause, 2))
-                if await self._sleep(pause):
-                    await self.store.stop()
-                    raise
+        try:
+            while True:
+                try:
+                    await self.publisher.start()
+                except BrokerUnavailableError as exc:
+                    pause = self._breaker.record_failure()
+                    self.stats.broker_failures += 1
+                    log.warning("broker_unavailable", error=str(exc), retry_in=round(pause, 2))
+                    if await self._sleep(pause):
+                        raise
+                else:
+                    return
+        except BaseException:
+            await self.store.stop()  # give the leases back at once
+            raise
 
     async def _shutdown(self) -> None:
         with contextlib.suppress(Exception):
             await self.publisher.stop()
         try:
             await self.store.stop()
-        except Exception as exc:  # noqa: BLE001 - leases then expire by themselves
+        except Exception as exc:
             log.warning("lease_release_failed", error=str(exc))
 
     async def _sleep(self, seconds: float) -> bool:
@@ -187,6 +210,7 @@ class Relay:
                 await self.store.maintain_leases(rebalance=False)
             except StoreUnavailableError as exc:
                 log.warning("store_unavailable", error=str(exc), during="lease_renewal")
+            # Any other error ends this task, which stops the relay (see run()).
 
     async def _loop(self) -> None:
         store_backoff = CircuitBreaker(rand=self._rand)
@@ -226,8 +250,13 @@ class Relay:
             # Not the events' fault: nothing is marked; the leases keep them ours.
             self.stats.broker_failures += 1
             pause = self._breaker.record_failure()
-            log.warning("broker_unavailable", error=str(exc), batch=len(batch),
-                        retry_in=round(pause, 2), failures=self._breaker.failures)
+            log.warning(
+                "broker_unavailable",
+                error=str(exc),
+                batch=len(batch),
+                retry_in=round(pause, 2),
+                failures=self._breaker.failures,
+            )
             await self._sleep(pause)
             return
         if self._breaker.is_open:
@@ -237,8 +266,9 @@ class Relay:
 
     async def _settle(self, batch: Sequence[Envelope], results: Sequence[PublishResult]) -> None:
         if len(results) != len(batch):
-            raise RuntimeError(f"{self.publisher.name} returned {len(results)} results "
-                               f"for {len(batch)} events")
+            raise RuntimeError(
+                f"{self.publisher.name} returned {len(results)} results for {len(batch)} events"
+            )
         delivered: list[int] = []
         retries: list[Retry] = []
         dead: list[Dead] = []
@@ -251,16 +281,27 @@ class Relay:
                 self.stats.held_back += 1  # waits behind an earlier event of its key
                 continue
             attempt = event.attempts + 1
-            log.warning("publish_failed", event_id=str(event.id), topic=event.topic,
-                        key=event.key, attempt=attempt, error_class=result.error_class,
-                        error=result.message, retriable=result.retriable)
+            log.warning(
+                "publish_failed",
+                event_id=str(event.id),
+                topic=event.topic,
+                key=event.key,
+                attempt=attempt,
+                error_class=result.error_class,
+                error=result.message,
+                retriable=result.retriable,
+            )
             if result.retriable and not self.retry_policy.exhausted(attempt):
                 delay = self.retry_policy.delay(attempt, self._rand)
                 retries.append(Retry(event.seq, delay, f"{result.error_class}: {result.message}"))
                 if event.key is not None:
                     blocked_keys.add(event.key)
-                log.info("retry_scheduled", event_id=str(event.id), attempt=attempt,
-                         delay=round(delay, 3))
+                log.info(
+                    "retry_scheduled",
+                    event_id=str(event.id),
+                    attempt=attempt,
+                    delay=round(delay, 3),
+                )
             else:
                 dead.append(Dead(event.seq, result.error_class, result.message))
         expected = len(delivered) + len(retries) + len(dead)
@@ -275,8 +316,7 @@ class Relay:
         if dead:
             changed += await self.store.move_to_dead_letters(dead)
             self.stats.dead_lettered += len(dead)
-            log.warning("moved_to_dead_letters", count=len(dead),
-                        seqs=[d.seq for d in dead][:20])
+            log.warning("moved_to_dead_letters", count=len(dead), seqs=[d.seq for d in dead][:20])
         if changed < expected:
             # Our lease on some bucket expired: the new owner will (re)publish those events.
             self.stats.fenced_off += expected - changed

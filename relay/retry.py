@@ -44,7 +44,7 @@ class CircuitBreaker:
     def record_failure(self) -> float:
         """Count a broker-wide failure; return how long to wait before the probe."""
         self.failures += 1
-        pause = min(self.max_seconds, self.base_seconds * 2 ** (self.failures - 1))
+        pause = min(self.max_seconds, self.base_seconds * 2.0 ** (self.failures - 1))
         return pause * (0.5 + 0.5 * self.rand())
 
     def record_success(self) -> None:

@@ -45,9 +45,12 @@ def upgrade() -> None:
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("seq", name="pk_outbox_events"),
         sa.CheckConstraint("attempts >= 0", name=op.f("ck_outbox_events_attempts_not_negative")),
-        sa.CheckConstraint("length(topic) BETWEEN 1 AND 249", name=op.f("ck_outbox_events_topic_length")),
         sa.CheckConstraint(
-            "key IS NULL OR length(key) BETWEEN 1 AND 1024", name=op.f("ck_outbox_events_key_length")
+            "length(topic) BETWEEN 1 AND 249", name=op.f("ck_outbox_events_topic_length")
+        ),
+        sa.CheckConstraint(
+            "key IS NULL OR length(key) BETWEEN 1 AND 1024",
+            name=op.f("ck_outbox_events_key_length"),
         ),
         sa.CheckConstraint(
             f"bucket >= 0 AND bucket < {BUCKETS}", name=op.f("ck_outbox_events_bucket_range")
@@ -78,9 +81,12 @@ def upgrade() -> None:
         sa.Column("relay_id", sa.Text(), nullable=False),
         sa.PrimaryKeyConstraint("dead_letter_id", name="pk_outbox_dead_letters"),
         sa.UniqueConstraint("event_id", name="uq_outbox_dead_letters_event_id"),
-        sa.CheckConstraint("attempts >= 0", name=op.f("ck_outbox_dead_letters_attempts_not_negative")),
         sa.CheckConstraint(
-            "first_failed_at <= last_failed_at", name=op.f("ck_outbox_dead_letters_failure_times_ordered")
+            "attempts >= 0", name=op.f("ck_outbox_dead_letters_attempts_not_negative")
+        ),
+        sa.CheckConstraint(
+            "first_failed_at <= last_failed_at",
+            name=op.f("ck_outbox_dead_letters_failure_times_ordered"),
         ),
     )
     op.create_index(
@@ -103,7 +109,8 @@ def upgrade() -> None:
             f"bucket >= 0 AND bucket < {BUCKETS}", name=op.f("ck_outbox_bucket_leases_bucket_range")
         ),
         sa.CheckConstraint(
-            "(owner IS NULL) = (lease_until IS NULL)", name=op.f("ck_outbox_bucket_leases_owner_has_lease")
+            "(owner IS NULL) = (lease_until IS NULL)",
+            name=op.f("ck_outbox_bucket_leases_owner_has_lease"),
         ),
     )
     op.execute(
@@ -145,9 +152,7 @@ def downgrade() -> None:
     op.drop_table("outbox_bucket_leases")
     op.drop_index("ix_outbox_dead_letters_last_failed_at", table_name="outbox_dead_letters")
     op.drop_index("ix_outbox_dead_letters_key", table_name="outbox_dead_letters")
-    op.drop_index(
-        "ix_outbox_dead_letters_topic_last_failed_at", table_name="outbox_dead_letters"
-    )
+    op.drop_index("ix_outbox_dead_letters_topic_last_failed_at", table_name="outbox_dead_letters")
     op.drop_table("outbox_dead_letters")
     op.drop_index("ix_outbox_events_available_at", table_name="outbox_events")
     op.drop_table("outbox_events")

@@ -23,10 +23,17 @@ from relay.seams import BrokerUnavailableError, Failure, PublishResult
 log = structlog.get_logger("relay.kafka")
 
 #: Failures that say "the broker is not there", not "this event is bad".
-BROKER_DOWN = (KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError, RequestTimedOutError,
-               ConnectionError, TimeoutError)
-HELD_BACK = Failure("HeldBack", "an earlier event of this key failed", retriable=True,
-                    counted=False)
+BROKER_DOWN = (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    NodeNotReadyError,
+    RequestTimedOutError,
+    ConnectionError,
+    TimeoutError,
+)
+HELD_BACK = Failure(
+    "HeldBack", "an earlier event of this key failed", retriable=True, counted=False
+)
 
 
 def classify(exc: BaseException) -> Failure:
@@ -48,8 +55,14 @@ class _NotStarted:
 class KafkaPublisher:
     name = "kafka"
 
-    def __init__(self, bootstrap_servers: str, *, topic_prefix: str = "",
-                 request_timeout_ms: int = 15_000, **producer_options: Any) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        topic_prefix: str = "",
+        request_timeout_ms: int = 15_000,
+        **producer_options: Any,
+    ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.topic_prefix = topic_prefix
         self._options: dict[str, Any] = {
@@ -106,7 +119,7 @@ class KafkaPublisher:
             except BROKER_DOWN as exc:
                 self._broken = True
                 raise BrokerUnavailableError(f"kafka {self.bootstrap_servers}: {exc!r}") from exc
-            except Exception as exc:  # noqa: BLE001 - every send error is reported per event
+            except Exception as exc:
                 results[i] = classify(exc)
                 if results[i].retriable and event.key is not None:  # type: ignore[union-attr]
                     blocked.add(event.key)

@@ -30,28 +30,39 @@ def classify(exc: BaseException) -> Failure:
 
 
 def pubsub_message(event: Envelope) -> str:
-    return json.dumps({k: v.decode() if isinstance(v, bytes) else v
-                       for k, v in event.redis_fields().items()}, separators=(",", ":"))
+    return json.dumps(
+        {k: v.decode() if isinstance(v, bytes) else v for k, v in event.redis_fields().items()},
+        separators=(",", ":"),
+    )
 
 
 class RedisPublisher:
     name = "redis"
 
-    def __init__(self, url: str, *, mode: Literal["streams", "pubsub"] = "streams",
-                 maxlen: int | None = None, topic_prefix: str = "") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        mode: Literal["streams", "pubsub"] = "streams",
+        maxlen: int | None = None,
+        topic_prefix: str = "",
+    ) -> None:
         self.url = url
         self.mode = mode
         self.maxlen = maxlen
         self.topic_prefix = topic_prefix
-        self._client = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
-                                               health_check_interval=30)
+        self._client = aioredis.Redis.from_url(
+            url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+        )
 
     async def start(self) -> None:
         if self.mode == "pubsub":
-            log.warning("redis_pubsub_at_most_once",
-                        detail="PUBLISH reaches only subscribers connected right now; events "
-                               "published while nobody listens are lost. Use streams for "
-                               "at-least-once.")
+            log.warning(
+                "redis_pubsub_at_most_once",
+                detail="PUBLISH reaches only subscribers connected right now; events "
+                "published while nobody listens are lost. Use streams for "
+                "at-least-once.",
+            )
         try:
             await self._client.ping()
         except BROKER_DOWN as exc:
@@ -65,8 +76,12 @@ class RedisPublisher:
         for event in batch:
             name = self.topic_prefix + event.topic
             if self.mode == "streams":
-                pipe.xadd(name, event.redis_fields(),  # type: ignore[arg-type]
-                          maxlen=self.maxlen, approximate=True)
+                pipe.xadd(
+                    name,
+                    event.redis_fields(),  # type: ignore[arg-type]
+                    maxlen=self.maxlen,
+                    approximate=True,
+                )
             else:
                 pipe.publish(name, pubsub_message(event))
         try:

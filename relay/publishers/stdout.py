@@ -13,12 +13,20 @@ from relay.seams import PublishResult
 
 
 def to_json_line(event: Envelope) -> str:
-    return json.dumps({
-        "id": str(event.id), "seq": event.seq, "topic": event.topic, "key": event.key,
-        "type": event.event_type, "headers": dict(event.headers),
-        "created_at": event.created_at.isoformat() if event.created_at else None,
-        "payload": json.loads(event.payload),
-    }, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(
+        {
+            "id": str(event.id),
+            "seq": event.seq,
+            "topic": event.topic,
+            "key": event.key,
+            "type": event.event_type,
+            "headers": dict(event.headers),
+            "created_at": event.created_at.isoformat() if event.created_at else None,
+            "payload": json.loads(event.payload),
+        },
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
 
 
 class JsonLinesPublisher:

@@ -39,8 +39,14 @@ def _count(status: str) -> int:
 
 
 class PostgresStore:
-    def __init__(self, database_url: str, *, lease_seconds: float = 15.0,
-                 pool_size: int = 4, listen: bool = True) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        lease_seconds: float = 15.0,
+        pool_size: int = 4,
+        listen: bool = True,
+    ) -> None:
         self._dsn = asyncpg_dsn(database_url)
         self._safe_url = redact(database_url)
         self.lease_seconds = lease_seconds
@@ -61,7 +67,9 @@ class PostgresStore:
         self._relay_id = relay_id
         try:
             self._pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=self._pool_size,
+                self._dsn,
+                min_size=1,
+                max_size=self._pool_size,
                 server_settings={"application_name": f"outbox-relay {relay_id}"[:63]},
             )
         except CONNECTION_ERRORS as exc:
@@ -96,10 +104,15 @@ class PostgresStore:
             raise StoreUnavailableError(str(exc)) from exc
         return [
             Envelope(
-                seq=r["seq"], id=r["id"], topic=r["topic"], key=r["key"],
+                seq=r["seq"],
+                id=r["id"],
+                topic=r["topic"],
+                key=r["key"],
                 payload=r["payload"].encode(),
                 headers=json.loads(r["headers"]) if r["headers"] != "{}" else {},
-                event_type=r["event_type"], created_at=r["created_at"], attempts=r["attempts"],
+                event_type=r["event_type"],
+                created_at=r["created_at"],
+                attempts=r["attempts"],
             )
             for r in rows
         ]
@@ -108,29 +121,45 @@ class PostgresStore:
         return _count(await self._run("delete_delivered", self._relay_id, seqs))
 
     async def schedule_retries(self, retries: Sequence[Retry]) -> int:
-        return _count(await self._run(
-            "schedule_retries", self._relay_id, [r.seq for r in retries],
-            [r.delay_seconds for r in retries], [r.error for r in retries],
-        ))
+        return _count(
+            await self._run(
+                "schedule_retries",
+                self._relay_id,
+                [r.seq for r in retries],
+                [r.delay_seconds for r in retries],
+                [r.error for r in retries],
+            )
+        )
 
     async def move_to_dead_letters(self, dead: Sequence[Dead]) -> int:
-        return _count(await self._run(
-            "move_to_dead_letters", self._relay_id, [d.seq for d in dead],
-            [d.error_class for d in dead], [d.error_message for d in dead],
-        ))
+        return _count(
+            await self._run(
+                "move_to_dead_letters",
+                self._relay_id,
+                [d.seq for d in dead],
+                [d.error_class for d in dead],
+                [d.error_message for d in dead],
+            )
+        )
 
     async def maintain_leases(self, *, rebalance: bool) -> int:
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                await conn.execute(QUERIES["heartbeat"], self._relay_id, socket.gethostname(),
-                                   os.getpid())
-                owned = [r["bucket"] for r in
-                         await conn.fetch(QUERIES["renew_leases"], self._relay_id,
-                                          self.lease_seconds)]
+                await conn.execute(
+                    QUERIES["heartbeat"], self._relay_id, socket.gethostname(), os.getpid()
+                )
+                owned = [
+                    r["bucket"]
+                    for r in await conn.fetch(
+                        QUERIES["renew_leases"], self._relay_id, self.lease_seconds
+                    )
+                ]
                 if not rebalance:
                     return len(owned)
-                live = [r["relay_id"] for r in
-                        await conn.fetch(QUERIES["live_relays"], self.lease_seconds)]
+                live = [
+                    r["relay_id"]
+                    for r in await conn.fetch(QUERIES["live_relays"], self.lease_seconds)
+                ]
                 index = live.index(self._relay_id) if self._relay_id in live else 0
                 share, extra = divmod(BUCKETS, max(1, len(live)))
                 target = share + (1 if index < extra else 0)
@@ -140,12 +169,20 @@ class PostgresStore:
                     owned = sorted(owned)[:target]
                     log.info("buckets_released", count=len(give_back), owned=len(owned))
                 elif len(owned) < target:
-                    got = await conn.fetch(QUERIES["acquire_buckets"], self._relay_id,
-                                           target - len(owned), self.lease_seconds)
+                    got = await conn.fetch(
+                        QUERIES["acquire_buckets"],
+                        self._relay_id,
+                        target - len(owned),
+                        self.lease_seconds,
+                    )
                     if got:
                         owned += [r["bucket"] for r in got]
-                        log.info("buckets_acquired", count=len(got), owned=len(owned),
-                                 live_relays=len(live))
+                        log.info(
+                            "buckets_acquired",
+                            count=len(got),
+                            owned=len(owned),
+                            live_relays=len(live),
+                        )
                 await conn.execute(QUERIES["forget_dead_relays"])
                 return len(owned)
         except CONNECTION_ERRORS as exc:

@@ -1,0 +1,306 @@
+"""The SQLite store: one relay on one SQLite file, for demos, development and fast tests.
+
+PostgreSQL is for production (several relays sharing key buckets through leases, LISTEN/NOTIFY,
+Alembic migrations). SQLite has no migrations: `create_schema()` creates the tables from
+`outbox.metadata`. The hot path uses a raw `aiosqlite` connection, not SQLAlchemy, and the SQL
+lives here as the named constants below, because relay/queries.sql is PostgreSQL-specific.
+
+Semantics match `PostgresStore` for a single relay: there are no leases (the relay owns every
+bucket, so run exactly one relay per database file), a claim returns the oldest available
+events in seq order and skips any event whose key has an earlier event not yet available, and
+every change says how many rows it changed.
+
+Time: SQLite has no timestamp type. SQLAlchemy (through `outbox.models.UtcDateTime`) stores
+naive UTC text 'YYYY-MM-DD HH:MM:SS.ffffff' and the CURRENT_TIMESTAMP defaults store
+'YYYY-MM-DD HH:MM:SS' (UTC). This store writes and compares the first format; text comparison
+orders both correctly, since a value without microseconds is a prefix of the same second with
+them. "Now" comes from the injectable `clock`, so tests control time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiosqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from outbox.envelope import Envelope
+from outbox.models import metadata
+from outbox.urls import is_sqlite, redact, sqlalchemy_async_url
+from outbox.validation import BUCKETS
+from relay.seams import Dead, Retry, StoreUnavailableError
+
+# -- SQL ---------------------------------------------------------------------------------------
+# Named parameters (:now, ...) are bound by sqlite3. Times are naive UTC text (see above).
+
+#: Oldest available events in seq order, skipping any event whose key has an earlier event
+#: waiting for a retry or a delayed delivery. The IN list is computed once; the correlated
+#: NOT EXISTS runs only for events whose key has such a waiting event.
+CLAIM_BATCH = """
+SELECT e.seq, e.id, e.topic, e.key, e.payload, e.headers, e.event_type, e.created_at, e.attempts
+FROM outbox_events AS e
+WHERE e.available_at <= :now
+  AND (e.key IS NULL
+       OR e.key NOT IN (SELECT w.key FROM outbox_events AS w
+                        WHERE w.available_at > :now AND w.key IS NOT NULL)
+       OR NOT EXISTS (SELECT 1 FROM outbox_events AS w
+                      WHERE w.key = e.key AND w.seq < e.seq AND w.available_at > :now))
+ORDER BY e.seq
+LIMIT :limit
+"""
+
+DELETE_EVENT = "DELETE FROM outbox_events WHERE seq = :seq"
+
+SCHEDULE_RETRY = """
+UPDATE outbox_events
+SET attempts = attempts + 1,
+    available_at = :available_at,
+    first_failed_at = coalesce(first_failed_at, :now),
+    last_error = :error
+WHERE seq = :seq
+"""
+
+#: Step 1 of a move (step 2 is DELETE_EVENT, in the same transaction). The max() keeps the
+#: table's CHECK first_failed_at <= last_failed_at true even if the clock stepped back.
+COPY_TO_DEAD_LETTERS = """
+INSERT INTO outbox_dead_letters (event_id, original_seq, topic, key, payload, headers, event_type,
+                                 created_at, attempts, first_failed_at, last_failed_at,
+                                 error_class, error_message, relay_id)
+SELECT id, seq, topic, key, payload, headers, event_type, created_at, attempts + 1,
+       coalesce(first_failed_at, :now), max(:now, coalesce(first_failed_at, :now)),
+       :error_class, :error_message, :relay_id
+FROM outbox_events
+WHERE seq = :seq
+"""
+
+TABLES_PRESENT = """
+SELECT count(*) FROM sqlite_master
+WHERE type = 'table' AND name IN ('outbox_events', 'outbox_dead_letters')
+"""
+
+ENABLE_WAL = "PRAGMA journal_mode = WAL"
+
+# ----------------------------------------------------------------------------------------------
+
+#: Primary result codes that mean "busy or unreachable now", not "this statement is wrong".
+TRANSIENT_CODES = frozenset(
+    {
+        5,  # SQLITE_BUSY
+        6,  # SQLITE_LOCKED
+        10,  # SQLITE_IOERR
+        13,  # SQLITE_FULL
+        14,  # SQLITE_CANTOPEN
+    }
+)
+
+
+def is_transient(exc: sqlite3.Error) -> bool:
+    return exc.sqlite_errorcode & 0xFF in TRANSIENT_CODES
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def db_time(moment: datetime) -> str:
+    """`moment` as the naive UTC text SQLAlchemy writes to SQLite; naive input is taken as UTC."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment.isoformat(" ", "microseconds")
+
+
+def parse_db_time(text: str) -> datetime:
+    """Naive UTC text (with or without microseconds) → an aware UTC datetime."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def database_path(database_url: str) -> Path:
+    """The file of `sqlite:///path.db` or `sqlite+aiosqlite:///path.db` (four slashes: absolute)."""
+    if not is_sqlite(database_url):
+        raise ValueError(f"database_url: {redact(database_url)!r} is not a sqlite:// URL")
+    database = make_url(database_url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        raise ValueError(
+            f"database_url: {database_url!r} must name a database file (an in-memory database "
+            "is not shared with the application's connections)"
+        )
+    return Path(database)
+
+
+async def create_schema(database_url: str) -> None:
+    """Create the outbox tables in a SQLite file (created if missing) and switch it to WAL.
+
+    SQLite has no Alembic migrations; `outbox-relay migrate` is for PostgreSQL, the production
+    database. Tables that already exist are left alone.
+    """
+    database_path(database_url)  # rejects non-file URLs before anything is created
+    engine = create_async_engine(sqlalchemy_async_url(database_url))
+    try:
+        async with engine.connect() as conn:
+            # WAL is persistent: the application's connections get it too.
+            await conn.exec_driver_sql(ENABLE_WAL)
+            await conn.run_sync(metadata.create_all)
+            await conn.commit()
+    finally:
+        await engine.dispose()
+
+
+class SqliteStore:
+    """`Store` on one SQLite file for a single relay: no leases, it owns every bucket."""
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        busy_timeout: float = 5.0,
+    ) -> None:
+        self.path = database_path(database_url)
+        self._clock = clock
+        self._busy_timeout_ms = int(busy_timeout * 1000)
+        self._conn: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()  # one statement sequence (transaction) at a time
+        self._relay_id = ""
+
+    @property
+    def conn(self) -> aiosqlite.Connection:
+        if self._conn is None:
+            raise RuntimeError("SqliteStore.start() was not called")
+        return self._conn
+
+    async def start(self, relay_id: str) -> None:
+        self._relay_id = relay_id
+        if not self.path.is_file():
+            # Opening would silently create an empty database.
+            raise FileNotFoundError(
+                f"{self.path}: no such SQLite database (create it with "
+                "relay.stores.sqlite.create_schema)"
+            )
+        try:
+            # mode=rw: never create the file; isolation_level=None: we issue BEGIN ourselves.
+            conn = await aiosqlite.connect(
+                self.path.absolute().as_uri() + "?mode=rw", uri=True, isolation_level=None
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"{self.path}: {exc}") from exc
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            await conn.execute(ENABLE_WAL)  # a no-op when create_schema() already did it
+            ((tables,),) = await conn.execute_fetchall(TABLES_PRESENT)
+        except BaseException as exc:
+            await conn.close()  # its worker thread would otherwise keep the process alive
+            if isinstance(exc, sqlite3.OperationalError) and is_transient(exc):
+                raise StoreUnavailableError(f"{self.path}: {exc}") from exc
+            raise
+        if tables != 2:
+            await conn.close()
+            raise RuntimeError(
+                f"{self.path}: the outbox tables are missing (create them with "
+                "relay.stores.sqlite.create_schema)"
+            )
+        self._conn = conn
+
+    async def stop(self) -> None:
+        """Close the connection. There are no leases to release."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.close()
+
+    @contextlib.asynccontextmanager
+    async def _guard(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The connection, one user at a time; busy or I/O errors become StoreUnavailableError."""
+        async with self._lock:
+            try:
+                yield self.conn
+            except sqlite3.OperationalError as exc:
+                if is_transient(exc):
+                    raise StoreUnavailableError(f"{self.path}: {exc}") from exc
+                raise
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE (take the write lock up front, so no upgrade deadlock) ... COMMIT."""
+        async with self._guard() as conn:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:  # SQLite may have rolled back already (e.g. disk full)
+                    await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("COMMIT")
+
+    async def claim(self, limit: int) -> list[Envelope]:
+        params = {"now": db_time(self._clock()), "limit": limit}
+        async with self._guard() as conn:
+            rows = await conn.execute_fetchall(CLAIM_BATCH, params)
+        return [
+            Envelope(
+                seq=row[0],
+                id=uuid.UUID(row[1]),
+                topic=row[2],
+                key=row[3],
+                payload=row[4].encode(),  # the JSON text as written, UTF-8
+                headers=json.loads(row[5]) if row[5] != "{}" else {},
+                event_type=row[6],
+                created_at=parse_db_time(row[7]),
+                attempts=row[8],
+            )
+            for row in rows
+        ]
+
+    async def mark_delivered(self, seqs: Sequence[int]) -> int:
+        async with self._transaction() as conn:
+            cursor = await conn.executemany(DELETE_EVENT, [{"seq": seq} for seq in seqs])
+            return cursor.rowcount
+
+    async def schedule_retries(self, retries: Sequence[Retry]) -> int:
+        now = self._clock()
+        params = [
+            {
+                "seq": r.seq,
+                "now": db_time(now),
+                "available_at": db_time(now + timedelta(seconds=r.delay_seconds)),
+                "error": r.error,
+            }
+            for r in retries
+        ]
+        async with self._transaction() as conn:
+            cursor = await conn.executemany(SCHEDULE_RETRY, params)
+            return cursor.rowcount
+
+    async def move_to_dead_letters(self, dead: Sequence[Dead]) -> int:
+        now = db_time(self._clock())
+        params = [
+            {
+                "seq": d.seq,
+                "now": now,
+                "error_class": d.error_class,
+                "error_message": d.error_message,
+                "relay_id": self._relay_id,
+            }
+            for d in dead
+        ]
+        async with self._transaction() as conn:
+            cursor = await conn.executemany(COPY_TO_DEAD_LETTERS, params)
+            moved = cursor.rowcount
+            await conn.executemany(DELETE_EVENT, [{"seq": d.seq} for d in dead])
+            return moved
+
+    async def maintain_leases(self, *, rebalance: bool) -> int:
+        """A single relay owns every bucket; nothing to renew."""
+        return BUCKETS
+
+    def on_new_events(self, wake: Callable[[], None]) -> None:
+        """SQLite has no NOTIFY: the relay finds new events by polling."""

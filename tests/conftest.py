@@ -1,0 +1,117 @@
+"""Fixtures: real services from scripts/services.sh, one fresh migrated database per test.
+
+Services are found through OUTBOX_DATABASE_URL / OUTBOX_KAFKA_BOOTSTRAP / OUTBOX_REDIS_URL.
+Without them the tests that need them skip, unless OUTBOX_REQUIRE_SERVICES=1 (CI), where a
+missing service is an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from outbox.urls import asyncpg_dsn
+
+TEMPLATE_DB = "outbox_test_template"
+
+
+def _service(var: str) -> str:
+    value = os.environ.get(var)
+    if value:
+        return value
+    message = f'{var} is not set: run `eval "$(scripts/services.sh up)"` first'
+    if os.environ.get("OUTBOX_REQUIRE_SERVICES") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def server_url() -> str:
+    return _service("OUTBOX_DATABASE_URL")
+
+
+@pytest.fixture(scope="session")
+def template_database(server_url: str) -> str:
+    """A database migrated to head once per session; each test clones it."""
+    from relay import migrate
+
+    async def create() -> None:
+        conn = await asyncpg.connect(asyncpg_dsn(server_url))
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
+            await conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    migrate.upgrade(with_database(server_url, TEMPLATE_DB))
+    return TEMPLATE_DB
+
+
+@pytest.fixture
+async def database_url(server_url: str, template_database: str) -> AsyncIterator[str]:
+    """A fresh database at the head revision, dropped after the test."""
+    name = f"outbox_test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(asyncpg_dsn(server_url))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    finally:
+        await conn.close()
+    yield with_database(server_url, name)
+    conn = await asyncpg.connect(asyncpg_dsn(server_url))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def empty_database_url(server_url: str) -> AsyncIterator[str]:
+    """A fresh database with no tables at all (for migration tests)."""
+    name = f"outbox_test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(asyncpg_dsn(server_url))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    yield with_database(server_url, name)
+    conn = await asyncpg.connect(asyncpg_dsn(server_url))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain asyncpg connection to the test's database, for setup and assertions."""
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    return _service("OUTBOX_KAFKA_BOOTSTRAP")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return _service("OUTBOX_REDIS_URL")
+
+
+@pytest.fixture
+def topic() -> str:
+    """A topic / stream name no other test uses."""
+    return f"t-{uuid.uuid4().hex[:10]}"

@@ -1,0 +1,154 @@
+"""OutboxEvent rejects bad input at construction, naming the field (property-tested)."""
+
+from __future__ import annotations
+
+import json
+import string
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from outbox import MAX_KEY_LENGTH, MAX_TOPIC_LENGTH, OutboxEvent, OutboxValidationError
+from outbox.validation import BUCKETS, DEFAULT_MAX_PAYLOAD_BYTES
+
+pytestmark = pytest.mark.unit
+
+LEGAL = string.ascii_letters + string.digits + "._-"
+legal_topics = st.text(alphabet=LEGAL, min_size=1, max_size=MAX_TOPIC_LENGTH).filter(
+    lambda t: t not in (".", "..")
+)
+# Text Postgres can store: no NUL, no lone surrogates (both are rejected, see below).
+pg_text = st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00")
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(pg_text, max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(pg_text, max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def rejected(field: str, **kwargs: Any) -> OutboxValidationError:
+    args: dict[str, Any] = {"topic": "orders", "payload": {}} | kwargs
+    with pytest.raises(OutboxValidationError) as info:
+        OutboxEvent(**args)
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}: ")
+    return info.value
+
+
+@given(
+    topic=legal_topics,
+    payload=st.dictionaries(st.text(pg_text, max_size=8), json_values, max_size=5),
+)
+def test_legal_events_are_accepted(topic: str, payload: dict[str, Any]) -> None:
+    event = OutboxEvent(topic=topic, payload=payload, key="k")
+    assert event.topic == topic
+    assert event.payload == payload
+    assert 0 <= event.bucket < BUCKETS
+
+
+@given(st.text(min_size=1, max_size=60).filter(lambda t: any(c not in LEGAL for c in t)))
+def test_topics_outside_kafkas_charset_are_rejected(topic: str) -> None:
+    rejected("topic", topic=topic)
+
+
+@pytest.mark.parametrize("topic", ["", ".", "..", "a" * (MAX_TOPIC_LENGTH + 1), 42, None])
+def test_bad_topics(topic: object) -> None:
+    rejected("topic", topic=topic)
+
+
+def test_key_limits() -> None:
+    assert OutboxEvent(topic="t", payload={}, key="k" * MAX_KEY_LENGTH).key
+    error = rejected("key", key="k" * (MAX_KEY_LENGTH + 1))
+    assert str(MAX_KEY_LENGTH) in error.problem
+    rejected("key", key="")
+    rejected("key", key=7)
+    assert OutboxEvent(topic="t", payload={}).key is None
+
+
+@given(st.one_of(st.integers(), st.floats(), st.text(), st.binary(), st.sets(st.integers())))
+def test_payload_must_be_a_dict_list_or_model(payload: object) -> None:
+    rejected("payload", payload=payload)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"when": datetime.now(UTC)},
+        {"x": {1, 2}},
+        {"nan": float("nan")},
+        [object()],
+        {"s": "\x00"},
+        {"s": "\ud800"},
+    ],
+)
+def test_payload_not_json_serialisable(payload: object) -> None:
+    rejected("payload", payload=payload)
+
+
+def test_payload_size_limit_is_configurable(monkeypatch: pytest.MonkeyPatch) -> None:
+    big = {"blob": "x" * DEFAULT_MAX_PAYLOAD_BYTES}
+    assert "limit is" in rejected("payload", payload=big).problem
+    monkeypatch.setenv("OUTBOX_MAX_PAYLOAD_BYTES", "10")
+    rejected("payload", payload={"blob": "x" * 10})
+    assert OutboxEvent(topic="t", payload={"a": 1}).payload == {"a": 1}
+    monkeypatch.setenv("OUTBOX_MAX_PAYLOAD_BYTES", "lots")
+    rejected("OUTBOX_MAX_PAYLOAD_BYTES", payload={})
+
+
+class Order(BaseModel):
+    order_id: int
+    placed_at: datetime
+
+
+def test_pydantic_payloads_are_dumped_as_json() -> None:
+    when = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+    event = OutboxEvent(topic="orders", payload=Order(order_id=1, placed_at=when))
+    assert event.payload == {"order_id": 1, "placed_at": "2026-11-25T12:00:00Z"}
+    json.dumps(event.payload)
+
+
+@given(
+    st.dictionaries(
+        st.text(pg_text, min_size=1, max_size=10), st.text(pg_text, max_size=10), max_size=5
+    )
+)
+def test_str_headers_are_accepted(headers: dict[str, str]) -> None:
+    headers = {k: v for k, v in headers.items() if not k.lower().startswith("outbox-")}
+    assert OutboxEvent(topic="t", payload={}, headers=headers).headers == headers
+
+
+@pytest.mark.parametrize(
+    "headers", [{"a": 1}, {1: "a"}, {"": "a"}, ["a"], {"outbox-id": "x"}, {"a": b"bytes"}]
+)
+def test_bad_headers(headers: object) -> None:
+    rejected("headers", headers=headers)
+
+
+def test_event_type_and_available_at() -> None:
+    rejected("event_type", event_type="")
+    rejected("event_type", event_type=3)
+    rejected("available_at", available_at=datetime(2026, 1, 1))  # naive: ambiguous
+    when = datetime(2030, 1, 1, tzinfo=UTC)
+    assert OutboxEvent(topic="t", payload={}, available_at=when).available_at == when
+
+
+def test_ids_are_unique_and_time_ordered() -> None:
+    ids = [OutboxEvent(topic="t", payload={}).id for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    assert all(i.version == 7 for i in ids)
+
+
+def test_same_key_same_bucket() -> None:
+    a = OutboxEvent(topic="t", payload={}, key="order-42")
+    b = OutboxEvent(topic="u", payload=[], key="order-42")
+    assert a.bucket == b.bucket
+    a.key = "order-43"
+    assert a.bucket == OutboxEvent(topic="t", payload={}, key="order-43").bucket
