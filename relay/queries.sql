@@ -11,11 +11,11 @@ SELECT e.seq, e.id, e.topic, e.key, e.payload::text AS payload, e.headers::text 
        e.event_type, e.created_at, e.attempts
 FROM outbox_events AS e
 WHERE e.available_at <= now()
-  AND e.bucket = ANY ((SELECT coalesce(array_agg(l.bucket), '{}') FROM outbox_bucket_leases AS l
+  AND e.bucket = ANY (ARRAY(SELECT l.bucket FROM outbox_bucket_leases AS l
                        WHERE l.owner = $1 AND l.lease_until > now()))
   AND (e.key IS NULL
-       OR NOT e.key = ANY ((SELECT coalesce(array_agg(DISTINCT w.key), '{}') FROM outbox_events AS w
-                            WHERE w.available_at > now() AND w.key IS NOT NULL))
+       OR NOT e.key = ANY (ARRAY(SELECT DISTINCT w.key FROM outbox_events AS w
+                                  WHERE w.available_at > now() AND w.key IS NOT NULL))
        OR NOT EXISTS (SELECT 1 FROM outbox_events AS w
                       WHERE w.key = e.key AND w.seq < e.seq AND w.available_at > now()))
 ORDER BY e.seq
@@ -24,7 +24,7 @@ LIMIT $2;
 -- name: delete_delivered --
 DELETE FROM outbox_events
 WHERE seq = ANY ($2::bigint[])
-  AND bucket = ANY ((SELECT coalesce(array_agg(l.bucket), '{}') FROM outbox_bucket_leases AS l
+  AND bucket = ANY (ARRAY(SELECT l.bucket FROM outbox_bucket_leases AS l
                      WHERE l.owner = $1 AND l.lease_until > now()));
 
 -- name: schedule_retries --
@@ -35,7 +35,7 @@ SET attempts = e.attempts + 1,
     last_error = r.error
 FROM unnest($2::bigint[], $3::float8[], $4::text[]) AS r(seq, delay, error)
 WHERE e.seq = r.seq
-  AND e.bucket = ANY ((SELECT coalesce(array_agg(l.bucket), '{}') FROM outbox_bucket_leases AS l
+  AND e.bucket = ANY (ARRAY(SELECT l.bucket FROM outbox_bucket_leases AS l
                        WHERE l.owner = $1 AND l.lease_until > now()));
 
 -- name: move_to_dead_letters --
@@ -45,7 +45,7 @@ WITH failed AS (
 ), moved AS (
     DELETE FROM outbox_events AS e USING failed AS f
     WHERE e.seq = f.seq
-      AND e.bucket = ANY ((SELECT coalesce(array_agg(l.bucket), '{}') FROM outbox_bucket_leases AS l
+      AND e.bucket = ANY (ARRAY(SELECT l.bucket FROM outbox_bucket_leases AS l
                            WHERE l.owner = $1 AND l.lease_until > now()))
     RETURNING e.*, f.error_class, f.error_message
 )

@@ -1,0 +1,161 @@
+"""Test doubles behind the two seams: an in-memory store and a fault-injecting publisher."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+
+from outbox.envelope import Envelope
+from relay.seams import BrokerUnavailableError, Dead, Failure, Publisher, PublishResult, Retry
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@dataclass
+class Row:
+    event: Envelope
+    available_at: datetime
+    last_error: str | None = None
+
+
+@dataclass
+class MemoryStore:
+    """The Store seam in memory, same claim rules as Postgres, time from an injected clock."""
+
+    clock: FakeClock = field(default_factory=FakeClock)
+    rows: dict[int, Row] = field(default_factory=dict)
+    dead: list[tuple[Envelope, Dead]] = field(default_factory=list)
+    delays: list[float] = field(default_factory=list)
+    stopped: bool = False
+    _seq: int = 0
+
+    def add(self, topic: str = "t", key: str | None = None, payload: bytes = b"{}") -> Envelope:
+        self._seq += 1
+        event = Envelope(self._seq, uuid.uuid4(), topic, key, payload)
+        self.rows[event.seq] = Row(event, self.clock())
+        return event
+
+    async def start(self, relay_id: str) -> None:
+        del relay_id
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    async def claim(self, limit: int) -> list[Envelope]:
+        now = self.clock()
+        waiting: dict[str, int] = {}
+        for seq in sorted(self.rows):
+            row = self.rows[seq]
+            if row.available_at > now and row.event.key is not None:
+                waiting.setdefault(row.event.key, seq)
+        out = [
+            r.event
+            for s, r in sorted(self.rows.items())
+            if r.available_at <= now and (r.event.key is None or waiting.get(r.event.key, s) >= s)
+        ]
+        return out[:limit]
+
+    async def mark_delivered(self, seqs: Sequence[int]) -> int:
+        return sum(self.rows.pop(s, None) is not None for s in seqs)
+
+    async def schedule_retries(self, retries: Sequence[Retry]) -> int:
+        for r in retries:
+            row = self.rows[r.seq]
+            row.event = replace(row.event, attempts=row.event.attempts + 1)
+            row.available_at = self.clock() + timedelta(seconds=r.delay_seconds)
+            row.last_error = r.error
+            self.delays.append(r.delay_seconds)
+        return len(retries)
+
+    async def move_to_dead_letters(self, dead: Sequence[Dead]) -> int:
+        for d in dead:
+            self.dead.append((self.rows.pop(d.seq).event, d))
+        return len(dead)
+
+    async def maintain_leases(self, *, rebalance: bool) -> int:
+        del rebalance
+        return 64
+
+    def on_new_events(self, wake: Callable[[], None]) -> None:
+        del wake
+
+
+class RecordingPublisher:
+    """Accepts everything and remembers it, in order."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.published: list[Envelope] = []
+        self.down = False
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
+        if self.down:
+            raise BrokerUnavailableError("broker is down (test)")
+        self.published.extend(batch)
+        return [None] * len(batch)
+
+
+class FaultInjector:
+    """Wraps a real publisher; fails chosen events a number of times before passing them on.
+
+    Honours the publisher contract: once an event of a key fails, later events of that key in
+    the batch are held back (counted=False) and never reach the inner publisher.
+    """
+
+    name = "fault-injector"
+
+    def __init__(
+        self,
+        inner: Publisher,
+        *,
+        failures: dict[uuid.UUID, int] | None = None,
+        poison: set[uuid.UUID] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.failures = dict(failures or {})
+        self.poison = set(poison or ())
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def stop(self) -> None:
+        await self.inner.stop()
+
+    async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
+        results: list[PublishResult] = [None] * len(batch)
+        blocked: set[str] = set()
+        passed: list[int] = []
+        for i, event in enumerate(batch):
+            if event.key is not None and event.key in blocked:
+                results[i] = Failure("HeldBack", "earlier event failed", counted=False)
+            elif event.id in self.poison:
+                results[i] = Failure("MessageRejected", "refused by the test", retriable=False)
+            elif self.failures.get(event.id, 0) > 0:
+                self.failures[event.id] -= 1
+                results[i] = Failure("InjectedError", "transient failure (test)")
+                if event.key is not None:
+                    blocked.add(event.key)
+            else:
+                passed.append(i)
+        inner = await self.inner.publish([batch[i] for i in passed]) if passed else []
+        for i, result in zip(passed, inner, strict=True):
+            results[i] = result
+        return results

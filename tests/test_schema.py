@@ -1,0 +1,215 @@
+"""Schema, migrations and OutboxEvent in real Postgres transactions (sync and async sessions)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from typing import Any
+
+import asyncpg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Integer, String, create_engine, select
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from outbox import OutboxEvent, metadata
+from outbox.urls import asyncpg_dsn, sqlalchemy_async_url
+from relay import migrate
+
+pytestmark = pytest.mark.postgres
+
+
+class AppBase(DeclarativeBase):
+    """The application's own base: OutboxEvent must work beside it."""
+
+
+class Order(AppBase):
+    __tablename__ = "orders"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(20))
+
+
+def sync_url(url: str) -> str:
+    return "postgresql+psycopg://" + url.split("://", 1)[1]
+
+
+async def test_async_session_commit_and_rollback(database_url: str, pg: asyncpg.Connection) -> None:
+    engine = create_async_engine(sqlalchemy_async_url(database_url))
+    async with engine.begin() as conn:
+        await conn.run_sync(AppBase.metadata.create_all)
+    async with AsyncSession(engine) as session, session.begin():
+        session.add(Order(id=1, status="placed"))
+        session.add(
+            OutboxEvent(
+                topic="orders",
+                key="order-1",
+                payload={"id": 1},
+                headers={"trace": "abc"},
+                event_type="OrderPlaced",
+            )
+        )
+    async with AsyncSession(engine) as session, session.begin():
+        session.add(Order(id=2, status="placed"))
+        session.add(OutboxEvent(topic="orders", key="order-2", payload={"id": 2}))
+        await session.flush()
+        await session.rollback()
+    async with AsyncSession(engine) as session:
+        orders = (await session.scalars(select(Order.id))).all()
+        events = (await session.scalars(select(OutboxEvent))).all()
+    await engine.dispose()
+    assert orders == [1]
+    assert [(e.key, e.payload, e.headers, e.event_type) for e in events] == [
+        ("order-1", {"id": 1}, {"trace": "abc"}, "OrderPlaced")
+    ]
+    assert events[0].seq > 0 and events[0].attempts == 0
+    assert await pg.fetchval("SELECT count(*) FROM outbox_events") == 1
+
+
+async def test_sync_session_commit_and_rollback(database_url: str, pg: asyncpg.Connection) -> None:
+    def work() -> None:
+        engine = create_engine(sync_url(database_url))
+        AppBase.metadata.create_all(engine)
+        with Session(engine) as session, session.begin():
+            session.add(Order(id=1, status="placed"))
+            session.add_all(
+                [OutboxEvent(topic="orders", key="order-1", payload=[i]) for i in range(3)]
+            )
+        with Session(engine) as session:
+            session.add(Order(id=2, status="placed"))
+            session.add(OutboxEvent(topic="orders", key="order-2", payload={}))
+            session.flush()
+            session.rollback()
+        engine.dispose()
+
+    await asyncio.to_thread(work)
+    rows = await pg.fetch("SELECT key, payload::text FROM outbox_events ORDER BY seq")
+    assert [(r["key"], r["payload"]) for r in rows] == [("order-1", f"[{i}]") for i in range(3)]
+    assert await pg.fetchval("SELECT count(*) FROM orders") == 1
+
+
+async def test_one_notify_per_transaction(database_url: str, pg: asyncpg.Connection) -> None:
+    received: asyncio.Queue[str] = asyncio.Queue()
+    listener = await asyncpg.connect(asyncpg_dsn(database_url))
+    await listener.add_listener("outbox_events", lambda *a: received.put_nowait(a[3]))
+    insert = "INSERT INTO outbox_events (id, topic, payload) VALUES (gen_random_uuid(), 't', '{}')"
+    async with pg.transaction():
+        for _ in range(3):  # three statements
+            await pg.execute(insert)
+        await pg.execute(
+            insert.replace("VALUES (", "SELECT ").rstrip(")") + " FROM generate_series(1, 50)"
+        )
+    async with pg.transaction():
+        await pg.execute(insert)
+    await pg.execute("SELECT pg_sleep(0.05)")  # a round trip, so notifications are flushed
+    await asyncio.wait_for(received.get(), 5)
+    await asyncio.wait_for(received.get(), 5)
+    await listener.execute("SELECT 1")
+    assert received.empty()  # exactly two: one per transaction, not one per row or statement
+    await listener.close()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("attempts", "-1"), ("topic", "''"), ("bucket", "64"), ("headers", "'[]'::jsonb")],
+)
+async def test_check_constraints(pg: asyncpg.Connection, column: str, value: str) -> None:
+    columns = {"id": "gen_random_uuid()", "topic": "'t'", "payload": "'{}'", column: value}
+    sql = f"INSERT INTO outbox_events ({', '.join(columns)}) VALUES ({', '.join(columns.values())})"
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pg.execute(sql)
+
+
+async def test_queue_table_vacuums_aggressively(pg: asyncpg.Connection) -> None:
+    options = await pg.fetchval("SELECT reloptions FROM pg_class WHERE relname = 'outbox_events'")
+    assert "autovacuum_vacuum_cost_delay=0" in options
+    assert "autovacuum_vacuum_scale_factor=0.0" in options
+
+
+async def test_claim_is_an_index_scan_on_a_big_table(pg: asyncpg.Connection) -> None:
+    await pg.execute(
+        "INSERT INTO outbox_events (id, topic, key, bucket, payload) "
+        "SELECT gen_random_uuid(), 't', 'k' || (g % 1000), (g % 64), '{}' "
+        "FROM generate_series(1, 200000) AS g"
+    )
+    await pg.execute(
+        "UPDATE outbox_bucket_leases SET owner = 'r1', lease_until = now() + interval '1 hour'"
+    )
+    await pg.execute("ANALYZE outbox_events")
+    from relay.sql import QUERIES
+
+    plan = "\n".join(
+        r[0]
+        for r in await pg.fetch("EXPLAIN (ANALYZE, BUFFERS) " + QUERIES["claim_batch"], "r1", 500)
+    )
+    assert "Index Scan using pk_outbox_events" in plan, plan
+    assert "Sort" not in plan.split("->")[1], plan  # ordered by the index, no sort of the table
+    assert "Seq Scan on outbox_events" not in plan, plan
+
+
+def outbox_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+
+
+async def test_migrations_up_down_up_and_match_models(empty_database_url: str) -> None:
+    url = empty_database_url
+    await asyncio.to_thread(migrate.upgrade, url)
+    assert await migrate.current_revision(url) == migrate.head_revision()
+    await asyncio.to_thread(migrate.downgrade, url, "base")
+    assert await migrate.current_revision(url) is None
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    left = await conn.fetch(
+        "SELECT tablename FROM pg_tables WHERE tablename LIKE 'outbox_%' "
+        "AND tablename <> 'outbox_alembic_version'"
+    )
+    await conn.close()
+    assert left == []
+    await asyncio.to_thread(migrate.upgrade, url)
+
+    engine = create_async_engine(sqlalchemy_async_url(url))
+
+    def diff(sync_conn: Any) -> list[Any]:
+        context = MigrationContext.configure(sync_conn, opts={"compare_type": True})
+        return [
+            d
+            for d in compare_metadata(context, metadata)
+            if not (d[0] == "remove_table" and d[1].name == "outbox_alembic_version")
+        ]
+
+    async with engine.connect() as conn:
+        differences = await conn.run_sync(diff)
+    await engine.dispose()
+    assert differences == []
+
+
+async def test_migrate_cli(empty_database_url: str) -> None:
+    url = empty_database_url
+    check = await asyncio.to_thread(outbox_cli, "migrate", "--check", "--database-url", url)
+    assert check.returncode == 1
+    assert check.stderr.startswith("outbox-relay: error: database is at no revision")
+    assert "Traceback" not in check.stderr
+    up = await asyncio.to_thread(outbox_cli, "migrate", "--database-url", url)
+    assert up.returncode == 0, up.stderr
+    check = await asyncio.to_thread(outbox_cli, "migrate", "--check", "--database-url", url)
+    assert check.returncode == 0 and "at head" in check.stdout
+    sql = await asyncio.to_thread(outbox_cli, "migrate", "--sql")
+    assert sql.returncode == 0
+    assert "CREATE TABLE outbox_events" in sql.stdout
+    assert "CREATE TRIGGER outbox_events_notify" in sql.stdout
+    down = await asyncio.to_thread(
+        outbox_cli, "migrate", "--downgrade", "base", "--database-url", url
+    )
+    assert down.returncode == 0, down.stderr
+    bad = await asyncio.to_thread(outbox_cli, "migrate", "--database-url", "mysql://x")
+    assert bad.returncode != 0
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert "database_url" in bad.stderr
