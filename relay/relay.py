@@ -172,6 +172,7 @@ class Relay:
                 except BrokerUnavailableError as exc:
                     pause = self._breaker.record_failure()
                     self.stats.broker_failures += 1
+                    await self._notify()
                     log.warning("broker_unavailable", error=str(exc), retry_in=round(pause, 2))
                     if await self._sleep(pause):
                         raise
@@ -227,6 +228,7 @@ class Relay:
                 store_backoff.record_success()
             except StoreUnavailableError as exc:
                 self.stats.store_failures += 1
+                await self._notify()
                 pause = store_backoff.record_failure()
                 log.warning("store_unavailable", error=str(exc), retry_in=round(pause, 2))
                 await self._sleep(pause)
@@ -249,6 +251,7 @@ class Relay:
         except BrokerUnavailableError as exc:
             # Not the events' fault: nothing is marked; the leases keep them ours.
             self.stats.broker_failures += 1
+            await self._notify()
             pause = self._breaker.record_failure()
             log.warning(
                 "broker_unavailable",

@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from outbox.urls import asyncpg_dsn
-
-TEMPLATE_DB = "outbox_test_template"
 
 
 def _service(var: str) -> str:
@@ -41,22 +39,28 @@ def server_url() -> str:
     return _service("OUTBOX_DATABASE_URL")
 
 
+async def _admin(server_url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(server_url))
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(scope="session")
-def template_database(server_url: str) -> str:
-    """A database migrated to head once per session; each test clones it."""
+def template_database(server_url: str) -> Iterator[str]:
+    """A database migrated to head once per session (own name: sessions may run side by
+    side); each test clones it."""
     from relay import migrate
 
-    async def create() -> None:
-        conn = await asyncpg.connect(asyncpg_dsn(server_url))
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
-            await conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    migrate.upgrade(with_database(server_url, TEMPLATE_DB))
-    return TEMPLATE_DB
+    name = f"outbox_test_template_{os.getpid()}"
+    asyncio.run(
+        _admin(server_url, f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"')
+    )
+    migrate.upgrade(with_database(server_url, name))
+    yield name
+    asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 
-from relay.relay import Relay
+from outbox.envelope import Envelope
+from relay.relay import Relay, RelayStats
 from relay.retry import CircuitBreaker, RetryPolicy
+from relay.seams import PublishResult
 from tests.fakes import FaultInjector, MemoryStore, RecordingPublisher
 
 pytestmark = pytest.mark.unit
@@ -85,7 +88,11 @@ async def test_max_attempts_then_dead_letter_and_successor_flows() -> None:
     relay = make_relay(store, FaultInjector(recorder, failures={doomed.id: 99}))
     task = asyncio.create_task(relay.run())
     for attempt in (1, 2):
-        await relay.wait_for(lambda s, n=attempt: s.retried == n, timeout=5)
+
+        def retried(stats: RelayStats, n: int = attempt) -> bool:
+            return stats.retried == n
+
+        await relay.wait_for(retried, timeout=5)
         store.clock.advance(3600)
         relay.wake()
     await relay.wait_for(lambda s: s.dead_lettered == 1 and s.delivered == 1, timeout=5)
@@ -127,7 +134,7 @@ async def test_broker_outage_burns_no_attempts() -> None:
 
 async def test_crash_in_publisher_stops_the_relay_and_is_raised() -> None:
     class Broken(RecordingPublisher):
-        async def publish(self, batch: object) -> list[None]:
+        async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
             raise ValueError("bug in publisher")
 
     store = MemoryStore()

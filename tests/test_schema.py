@@ -64,7 +64,8 @@ async def test_async_session_commit_and_rollback(database_url: str, pg: asyncpg.
     assert [(e.key, e.payload, e.headers, e.event_type) for e in events] == [
         ("order-1", {"id": 1}, {"trace": "abc"}, "OrderPlaced")
     ]
-    assert events[0].seq > 0 and events[0].attempts == 0
+    assert events[0].seq > 0
+    assert events[0].attempts == 0
     assert await pg.fetchval("SELECT count(*) FROM outbox_events") == 1
 
 
@@ -200,7 +201,8 @@ async def test_migrate_cli(empty_database_url: str) -> None:
     up = await asyncio.to_thread(outbox_cli, "migrate", "--database-url", url)
     assert up.returncode == 0, up.stderr
     check = await asyncio.to_thread(outbox_cli, "migrate", "--check", "--database-url", url)
-    assert check.returncode == 0 and "at head" in check.stdout
+    assert check.returncode == 0
+    assert "at head" in check.stdout
     sql = await asyncio.to_thread(outbox_cli, "migrate", "--sql")
     assert sql.returncode == 0
     assert "CREATE TABLE outbox_events" in sql.stdout

@@ -75,6 +75,7 @@ class KafkaPublisher:
             "client_id": "outbox-relay",
             **producer_options,
         }
+        self._ack_timeout = request_timeout_ms / 1000 + 5
         self._producer: AIOKafkaProducer | _NotStarted = _NotStarted()
         self._broken = False
 
@@ -125,7 +126,17 @@ class KafkaPublisher:
                     blocked.add(event.key)
             else:
                 pending.append((i, future))
-        outcomes = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+        try:
+            # aiokafka can keep retrying a dead broker for long; our own deadline ends that.
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(*(f for _, f in pending), return_exceptions=True),
+                self._ack_timeout,
+            )
+        except TimeoutError as exc:
+            self._broken = True
+            raise BrokerUnavailableError(
+                f"kafka {self.bootstrap_servers}: no ack within {self._ack_timeout:.0f}s"
+            ) from exc
         failures = 0
         down = 0
         for (i, _), outcome in zip(pending, outcomes, strict=True):

@@ -1,0 +1,144 @@
+"""Shared helpers of the integration tests: write events, read them back from real brokers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+from outbox import OutboxEvent
+from outbox.envelope import Envelope
+from outbox.urls import sqlalchemy_async_url
+from relay.relay import Relay
+from relay.retry import RetryPolicy
+from relay.seams import Publisher
+from relay.stores.postgres import PostgresStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def commit_events(database_url: str, events: Sequence[OutboxEvent]) -> None:
+    engine = create_async_engine(sqlalchemy_async_url(database_url))
+    async with AsyncSession(engine, expire_on_commit=False) as session, session.begin():
+        session.add_all(events)
+    await engine.dispose()
+
+
+def keyed_events(topic: str, keys: int, per_key: int) -> list[OutboxEvent]:
+    """per_key events for each of `keys` keys, interleaved, with a per-key counter in payload."""
+    return [
+        OutboxEvent(
+            topic=topic,
+            key=f"key-{k}",
+            payload={"k": k, "n": n},
+            headers={"n": str(n)},
+            event_type="Counted",
+        )
+        for n in range(per_key)
+        for k in range(keys)
+    ]
+
+
+def pg_relay(
+    database_url: str,
+    publisher: Publisher,
+    *,
+    relay_id: str | None = None,
+    lease_seconds: float = 3.0,
+    batch_size: int = 100,
+    retry_policy: RetryPolicy | None = None,
+) -> Relay:
+    return Relay(
+        PostgresStore(database_url, lease_seconds=lease_seconds),
+        publisher,
+        relay_id=relay_id or f"test-{uuid.uuid4().hex[:6]}",
+        batch_size=batch_size,
+        poll_interval=0.2,
+        lease_seconds=lease_seconds,
+        retry_policy=retry_policy
+        or RetryPolicy(base_seconds=0.05, max_seconds=0.2, max_attempts=5),
+    )
+
+
+async def read_stream(
+    redis_url: str, stream: str, count: int, timeout: float = 30
+) -> list[Envelope]:
+    """Read `count` entries of a Redis stream, blocking until they are there."""
+    client = aioredis.Redis.from_url(redis_url)
+    out: list[Envelope] = []
+    last = "0-0"
+    try:
+        async with asyncio.timeout(timeout):
+            while len(out) < count:
+                reply = await client.xread({stream: last}, count=1000, block=1000)
+                for _, entries in reply:
+                    for entry_id, fields in entries:
+                        last = entry_id
+                        out.append(Envelope.from_redis(stream, fields))
+    finally:
+        await client.aclose()
+    return out
+
+
+async def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 60) -> list[Envelope]:
+    """Read `count` records of a Kafka topic from the beginning, with a real consumer."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    out: list[Envelope] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while len(out) < count:
+                batches = await consumer.getmany(timeout_ms=1000)
+                for records in batches.values():
+                    out.extend(
+                        Envelope.from_kafka(r.topic, r.key, r.value, r.headers) for r in records
+                    )
+    finally:
+        await consumer.stop()
+    return out
+
+
+def assert_per_key_order(received: Sequence[Envelope]) -> None:
+    last: dict[str | None, int] = {}
+    for event in received:
+        if event.key is None:
+            continue
+        assert event.seq > last.get(event.key, 0), (
+            f"key {event.key}: {event.seq} after {last[event.key]}"
+        )
+        last[event.key] = event.seq
+
+
+def services(*args: str) -> None:
+    """scripts/services.sh start|stop NAME, for outage tests."""
+    subprocess.run(
+        ["bash", str(ROOT / "scripts" / "services.sh"), *args],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        timeout=300,
+    )
+
+
+def relay_process(database_url: str, *args: str) -> subprocess.Popen[bytes]:
+    """The real `outbox-relay run` CLI in a child process."""
+    env = os.environ | {"OUTBOX_DATABASE_URL": database_url, "OUTBOX_LOG_FORMAT": "json"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "relay.cli", "run", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
