@@ -74,11 +74,12 @@ async def read_stream(
     """Read `count` entries of a Redis stream, blocking until they are there."""
     client = aioredis.Redis.from_url(redis_url)
     out: list[Envelope] = []
-    last = "0-0"
+    last: bytes | str = "0-0"
     try:
         async with asyncio.timeout(timeout):
             while len(out) < count:
-                reply = await client.xread({stream: last}, count=1000, block=1000)
+                reply: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
+                reply = await client.xread({stream: last}, count=1000, block=1000)  # type: ignore[arg-type, assignment]
                 for _, entries in reply:
                     for entry_id, fields in entries:
                         last = entry_id
