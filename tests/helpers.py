@@ -79,7 +79,7 @@ async def read_stream(
         async with asyncio.timeout(timeout):
             while len(out) < count:
                 reply: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
-                reply = await client.xread({stream: last}, count=1000, block=1000)  # type: ignore[arg-type, assignment]
+                reply = await client.xread({stream: last}, count=1000, block=1000)  # type: ignore[assignment]
                 for _, entries in reply:
                     for entry_id, fields in entries:
                         last = entry_id
