@@ -15,11 +15,21 @@ from typing import Any, NoReturn, TypeVar
 import click
 from pydantic import ValidationError
 
-from outbox.errors import OutboxError
+from outbox.urls import redact
 from relay.logs import configure_logging
 from relay.settings import RelaySettings
 
 T = TypeVar("T")
+
+
+def redact_urls(text: str) -> str:
+    return " ".join(redact(word) if "://" in word else word for word in text.split(" "))
+
+
+def one_line(exc: BaseException) -> str:
+    """`ErrorClass: first line of the message`, with passwords in URLs redacted."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {redact_urls(text)}"
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -45,8 +55,10 @@ def load_settings(**given: Any) -> RelaySettings:
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
-    except (OutboxError, OSError, ValueError, RuntimeError) as exc:
-        fail(f"{type(exc).__name__}: {exc}", 1)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - one line on stderr, never a traceback
+        fail(one_line(exc), 1)
 
 
 def setting_option(name: str, **kw: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -132,8 +144,8 @@ def migrate(database_url: str | None, sql: bool, downgrade_to: str | None, check
             m.downgrade(url, downgrade_to, sql=sql)
         else:
             m.upgrade(url, sql=sql)
-    except Exception as exc:
-        fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
+    except Exception as exc:  # noqa: BLE001 - one line on stderr, never a traceback
+        fail(one_line(exc), 1)
 
 
 @main.group()

@@ -131,9 +131,7 @@ class Relay:
                 delivered=self.stats.delivered,
                 dead_lettered=self.stats.dead_lettered,
             )
-            async with self._changed:
-                self.stats.stopped = True
-                self._changed.notify_all()
+            await self._mark_stopped()
         for task in (work, leases):
             if not task.cancelled() and task.exception() is not None:
                 log.error("relay_crashed", error=repr(task.exception()))
@@ -151,7 +149,9 @@ class Relay:
 
     # -- internals -----------------------------------------------------------------------------
 
-    async def _start(self) -> None:
+    async def _start(self) -> bool:
+        """Connect the store and the publisher, retrying while they are unreachable.
+        False when asked to stop before both were up (then nothing is left open)."""
         backoff = CircuitBreaker(rand=self._rand)
         while True:
             try:
@@ -159,10 +159,13 @@ class Relay:
                 self.stats.owned_buckets = await self.store.maintain_leases(rebalance=True)
                 break
             except StoreUnavailableError as exc:
+                self.stats.store_failures += 1
+                await self._notify()
                 pause = backoff.record_failure()
                 log.warning("store_unavailable", error=str(exc), retry_in=round(pause, 2))
                 if await self._sleep(pause):
-                    raise
+                    await self.store.stop()
+                    return False
         self._next_rebalance = asyncio.get_running_loop().time() + self.lease_seconds / 3
         self.store.on_new_events(self.wake)
         try:
@@ -170,14 +173,15 @@ class Relay:
                 try:
                     await self.publisher.start()
                 except BrokerUnavailableError as exc:
-                    pause = self._breaker.record_failure()
                     self.stats.broker_failures += 1
                     await self._notify()
+                    pause = self._breaker.record_failure()
                     log.warning("broker_unavailable", error=str(exc), retry_in=round(pause, 2))
                     if await self._sleep(pause):
-                        raise
+                        await self.store.stop()
+                        return False
                 else:
-                    return
+                    return True
         except BaseException:
             await self.store.stop()  # give the leases back at once
             raise
@@ -187,7 +191,7 @@ class Relay:
             await self.publisher.stop()
         try:
             await self.store.stop()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - leases then expire by themselves
             log.warning("lease_release_failed", error=str(exc))
 
     async def _sleep(self, seconds: float) -> bool:
@@ -237,6 +241,10 @@ class Relay:
             await self._notify()
             if len(batch) < self.batch_size and not self._stopping.is_set():
                 await self._wait_for_work()
+
+    async def _mark_stopped(self) -> None:
+        self.stats.stopped = True
+        await self._notify()
 
     async def _notify(self) -> None:
         async with self._changed:

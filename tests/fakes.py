@@ -101,7 +101,8 @@ class RecordingPublisher:
         self.down = False
 
     async def start(self) -> None:
-        return None
+        if self.down:
+            raise BrokerUnavailableError("broker is down (test)")
 
     async def stop(self) -> None:
         return None

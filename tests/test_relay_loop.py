@@ -153,3 +153,15 @@ async def test_stop_finishes_and_releases() -> None:
     relay.request_stop()
     await asyncio.wait_for(task, 5)
     assert store.stopped
+
+
+async def test_stop_while_the_broker_is_down_at_startup_is_clean() -> None:
+    store, publisher = MemoryStore(), RecordingPublisher()
+    publisher.down = True
+    relay = make_relay(store, publisher)
+    task = asyncio.create_task(relay.run())
+    await relay.wait_for(lambda s: s.broker_failures >= 1, timeout=5)
+    relay.request_stop()
+    await asyncio.wait_for(task, 5)  # returns, does not raise
+    assert relay.stats.stopped
+    assert store.stopped

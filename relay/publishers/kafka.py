@@ -120,7 +120,7 @@ class KafkaPublisher:
             except BROKER_DOWN as exc:
                 self._broken = True
                 raise BrokerUnavailableError(f"kafka {self.bootstrap_servers}: {exc!r}") from exc
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any send error is that event's result
                 results[i] = classify(exc)
                 if results[i].retriable and event.key is not None:  # type: ignore[union-attr]
                     blocked.add(event.key)

@@ -65,6 +65,8 @@ class PostgresStore:
 
     async def start(self, relay_id: str) -> None:
         self._relay_id = relay_id
+        if self._pool is not None:  # a retry after maintain_leases failed: keep the pool
+            return
         try:
             self._pool = await asyncpg.create_pool(
                 self._dsn,

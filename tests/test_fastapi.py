@@ -1,0 +1,175 @@
+"""The relay embedded in a FastAPI app (examples/fastapi_app.py): real Postgres, real Redis."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import cast
+
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from outbox.envelope import Envelope
+from outbox.urls import asyncpg_dsn
+from relay.fastapi import outbox_lifespan
+from relay.relay import Relay
+from relay.seams import PublishResult
+from relay.settings import RelaySettings
+from tests.fakes import MemoryStore
+
+TIMEOUT = 30.0
+#: What XREAD returns: [(stream, [(entry id, {field: value})])].
+StreamReply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fastapi_app.py"
+
+
+def load_create_app() -> Callable[[RelaySettings], FastAPI]:
+    """examples/fastapi_app.py's `create_app`, loaded from its file (examples/ is no package)."""
+    spec = importlib.util.spec_from_file_location("outbox_example_fastapi_app", EXAMPLE)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pydantic and FastAPI resolve annotations through it
+    spec.loader.exec_module(module)
+    create_app: Callable[[RelaySettings], FastAPI] = module.create_app
+    return create_app
+
+
+create_app = load_create_app()
+
+
+async def read_one(redis_url: str, stream: str) -> Envelope:
+    """The first entry of `stream`, waiting for it with XREAD BLOCK."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        reply = cast(
+            StreamReply, await client.xread({stream: "0-0"}, count=10, block=int(TIMEOUT * 1000))
+        )
+    finally:
+        await client.aclose()
+    assert reply, f"nothing arrived on {stream} within {TIMEOUT} s"
+    [(name, entries)] = reply
+    assert name == stream.encode()
+    assert len(entries) == 1, entries
+    return Envelope.from_redis(stream, entries[0][1])
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_order_event_reaches_redis_and_leases_are_released(
+    database_url: str, redis_url: str, topic: str
+) -> None:
+    settings = RelaySettings(
+        database_url=database_url,
+        broker="redis",
+        redis_url=redis_url,
+        redis_mode="streams",
+        topic_prefix=f"{topic}.",  # the app publishes to "orders": this test's own stream
+        poll_interval=0.2,
+        lease_seconds=5,
+        relay_id=f"fastapi-{uuid.uuid4().hex[:6]}",
+    )
+    stream = f"{topic}.orders"
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        relay: Relay = app.state.outbox_relay
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            response = await client.post("/orders", json={"customer": "ada", "total_cents": 4200})
+            assert response.status_code == 201, response.text
+            order = response.json()
+
+            event = await read_one(redis_url, stream)
+            assert event.id == uuid.UUID(order["event_id"])
+            assert event.key == f"order-{order['id']}"
+            assert event.event_type == "OrderPlaced"
+            assert event.json() == {"order_id": order["id"], "customer": "ada", "total_cents": 4200}
+
+            # Deleted once the broker acknowledged it (the stats count after the delete).
+            await relay.wait_for(lambda s: s.delivered >= 1, timeout=TIMEOUT)
+            status = (await client.get("/outbox/relay")).json()
+            assert status["relay_id"] == settings.relay_id
+            assert status["owned_buckets"] == 64  # the only live relay owns every bucket
+            assert status["delivered"] == 1
+    assert relay.stats.stopped
+
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM outbox_events") == 0
+        assert await conn.fetchval("SELECT count(*) FROM orders") == 1
+        assert (
+            await conn.fetchval("SELECT count(*) FROM outbox_bucket_leases WHERE owner IS NOT NULL")
+            == 0
+        )
+        assert await conn.fetchval("SELECT count(*) FROM outbox_relays") == 0
+    finally:
+        await conn.close()
+
+
+@pytest.mark.postgres
+async def test_a_failed_request_commits_neither_order_nor_event(database_url: str) -> None:
+    settings = RelaySettings(database_url=database_url, broker="stdout", poll_interval=0.2)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            response = await client.post("/orders", json={"customer": "ada", "total_cents": 0})
+            assert response.status_code == 422
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM orders") == 0
+        assert await conn.fetchval("SELECT count(*) FROM outbox_events") == 0
+    finally:
+        await conn.close()
+
+
+class ExplodingPublisher:
+    name = "exploding"
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
+        raise RuntimeError("publisher bug (test)")
+
+
+@pytest.mark.unit
+async def test_a_crashed_relay_is_raised_on_exit_not_swallowed() -> None:
+    store = MemoryStore()
+    store.add(key="k")
+    relay = Relay(store, ExplodingPublisher(), relay_id="test", poll_interval=0.01)
+    lifespan = outbox_lifespan(relay=relay)
+    assert await lifespan.__aenter__() == {"outbox_relay": relay}
+    await relay.wait_for(lambda s: s.stopped, timeout=TIMEOUT)
+    assert store.stopped  # leases given back even though the loop crashed
+    with pytest.raises(RuntimeError, match="publisher bug"):
+        await lifespan.__aexit__(None, None, None)
+
+
+@pytest.mark.unit
+async def test_the_app_error_wins_over_the_relay_error() -> None:
+    store = MemoryStore()
+    store.add(key="k")
+    relay = Relay(store, ExplodingPublisher(), relay_id="test", poll_interval=0.01)
+    lifespan = outbox_lifespan(relay=relay)
+    await lifespan.__aenter__()
+    await relay.wait_for(lambda s: s.stopped, timeout=TIMEOUT)
+    app_error = KeyError("app failed")
+    # Returns instead of raising the relay's error (logged), so the app's own error propagates.
+    await lifespan.__aexit__(KeyError, app_error, None)
+
+
+@pytest.mark.unit
+def test_settings_and_relay_are_exclusive() -> None:
+    relay = Relay(MemoryStore(), ExplodingPublisher(), relay_id="test")
+    with pytest.raises(ValueError, match="not both"):
+        outbox_lifespan(RelaySettings(database_url="sqlite:///x.db"), relay=relay)
