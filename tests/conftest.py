@@ -11,6 +11,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -55,12 +56,21 @@ def template_database(server_url: str) -> Iterator[str]:
     from relay import migrate
 
     name = f"outbox_test_template_{os.getpid()}"
-    asyncio.run(
-        _admin(server_url, f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"')
-    )
-    migrate.upgrade(with_database(server_url, name))
+
+    def create() -> None:  # in a thread of its own: an event loop may be running here
+        asyncio.run(
+            _admin(server_url, f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"')
+        )
+        migrate.upgrade(with_database(server_url, name))
+
+    def drop() -> None:
+        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(create).result()
     yield name
-    asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(drop).result()
 
 
 @pytest.fixture

@@ -181,6 +181,8 @@ class SqliteStore:
 
     async def start(self, relay_id: str) -> None:
         self._relay_id = relay_id
+        if self._conn is not None:  # already started (a retry, or an embedding that did it)
+            return
         if not self.path.is_file():
             # Opening would silently create an empty database.
             raise FileNotFoundError(

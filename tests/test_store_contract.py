@@ -1,0 +1,166 @@
+"""One behavioural suite, two stores: SQLite and Postgres must claim, retry, dead-letter and
+keep per-key order the same way, so they cannot drift apart."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+from outbox import DeadLetter, OutboxEvent
+from outbox.urls import sqlalchemy_async_url
+from relay.relay import Relay
+from relay.retry import RetryPolicy
+from relay.seams import Dead, Retry, Store
+from relay.stores.postgres import PostgresStore
+from relay.stores.sqlite import SqliteStore, create_schema
+from tests.fakes import FaultInjector, RecordingPublisher
+
+
+@dataclass
+class Backend:
+    url: str
+    store: Store
+
+    async def add(self, *events: OutboxEvent) -> list[OutboxEvent]:
+        engine = create_async_engine(sqlalchemy_async_url(self.url))
+        async with AsyncSession(engine, expire_on_commit=False) as session, session.begin():
+            session.add_all(events)
+        await engine.dispose()
+        return list(events)
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        engine = create_async_engine(sqlalchemy_async_url(self.url))
+        async with AsyncSession(engine) as session:
+            rows = list((await session.scalars(select(DeadLetter))).all())
+        await engine.dispose()
+        return rows
+
+
+async def started(url: str, store: Store) -> AsyncIterator[Backend]:
+    await store.start("contract")
+    assert await store.maintain_leases(rebalance=True) == 64
+    yield Backend(url, store)
+    await store.stop()
+
+
+@pytest.fixture
+async def sqlite_backend(tmp_path: Path) -> AsyncIterator[Backend]:
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    await create_schema(url)
+    async for backend in started(url, SqliteStore(url)):
+        yield backend
+
+
+@pytest.fixture
+async def postgres_backend(database_url: str) -> AsyncIterator[Backend]:
+    async for backend in started(database_url, PostgresStore(database_url, lease_seconds=30)):
+        yield backend
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    found: Backend = request.getfixturevalue(f"{request.param}_backend")
+    return found
+
+
+def event(key: str | None, n: int, **kw: object) -> OutboxEvent:
+    return OutboxEvent(topic="orders", key=key, payload={"n": n}, **kw)  # type: ignore[arg-type]
+
+
+async def test_claim_in_sequence_order_with_payload_and_headers(backend: Backend) -> None:
+    added = await backend.add(
+        event("a", 1),
+        event("b", 2),
+        event(None, 3),
+        event("a", 4, headers={"h": "v"}, event_type="T"),
+    )
+    claimed = await backend.store.claim(10)
+    assert [e.id for e in claimed] == [e.id for e in added]
+    assert [json.loads(e.payload) for e in claimed] == [{"n": n} for n in (1, 2, 3, 4)]
+    assert claimed[3].headers == {"h": "v"}
+    assert claimed[3].event_type == "T"
+    assert [e.attempts for e in claimed] == [0, 0, 0, 0]
+    assert len(await backend.store.claim(2)) == 2
+
+
+async def test_delivered_events_are_deleted(backend: Backend) -> None:
+    await backend.add(event("a", 1), event("a", 2))
+    claimed = await backend.store.claim(10)
+    assert await backend.store.mark_delivered([claimed[0].seq]) == 1
+    assert [e.seq for e in await backend.store.claim(10)] == [claimed[1].seq]
+
+
+async def test_a_retry_holds_back_its_key_only(backend: Backend) -> None:
+    a1, b1, a2, free = await backend.add(
+        event("a", 1), event("b", 1), event("a", 2), event(None, 1)
+    )
+    first = (await backend.store.claim(1))[0]
+    assert first.id == a1.id
+    assert await backend.store.schedule_retries([Retry(first.seq, 3600, "Boom: x")]) == 1
+    assert [e.id for e in await backend.store.claim(10)] == [b1.id, free.id]
+    # Due again (a zero delay): the key flows in order, with the attempt counted.
+    assert await backend.store.schedule_retries([Retry(first.seq, 0, "Boom: y")]) == 1
+    claimed = await backend.store.claim(10)
+    assert [e.id for e in claimed] == [a1.id, b1.id, a2.id, free.id]
+    assert claimed[0].attempts == 2
+
+
+async def test_a_delayed_event_holds_back_later_events_of_its_key(backend: Backend) -> None:
+    later = datetime.now(UTC) + timedelta(hours=1)
+    _, a2, b1 = await backend.add(event("a", 1, available_at=later), event("a", 2), event("b", 1))
+    assert [e.id for e in await backend.store.claim(10)] == [b1.id]
+    assert a2.id not in {e.id for e in await backend.store.claim(10)}
+
+
+async def test_dead_letters_keep_the_event_and_the_error(backend: Backend) -> None:
+    (poison,) = await backend.add(event("a", 1, headers={"h": "v"}, event_type="Bad"))
+    claimed = await backend.store.claim(1)
+    await backend.store.schedule_retries([Retry(claimed[0].seq, 0, "Flaky: once")])
+    claimed = await backend.store.claim(1)
+    moved = await backend.store.move_to_dead_letters(
+        [Dead(claimed[0].seq, "MessageRejected", "too big")]
+    )
+    assert moved == 1
+    assert await backend.store.claim(10) == []
+    (row,) = await backend.dead_letters()
+    assert row.event_id == poison.id
+    assert (row.topic, row.key, row.payload, row.headers, row.event_type) == (
+        "orders",
+        "a",
+        {"n": 1},
+        {"h": "v"},
+        "Bad",
+    )
+    assert row.attempts == 2
+    assert (row.error_class, row.error_message, row.relay_id) == (
+        "MessageRejected",
+        "too big",
+        "contract",
+    )
+    assert row.first_failed_at <= row.last_failed_at
+
+
+async def test_the_relay_behaves_the_same_on_both(backend: Backend) -> None:
+    added = await backend.add(*[event(f"k{i % 3}", i) for i in range(12)])
+    recorder = RecordingPublisher()
+    publisher = FaultInjector(recorder, poison={added[4].id})
+    relay = Relay(
+        backend.store,
+        publisher,
+        relay_id="contract",
+        batch_size=5,
+        poll_interval=0.01,
+        retry_policy=RetryPolicy(max_attempts=2),
+    )
+    stats = await relay.drain()
+    assert stats.delivered == 11
+    assert stats.dead_lettered == 1
+    assert [e.id for e in recorder.published] == [e.id for e in added if e.id != added[4].id]
+    assert [d.event_id for d in await backend.dead_letters()] == [added[4].id]
