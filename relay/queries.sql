@@ -7,12 +7,14 @@
 -- The claim, in one statement: the oldest available events of the buckets this relay owns, in
 -- sequence order, skipping any event whose key has an earlier event still waiting for a retry or
 -- a delayed delivery (per-key order). Only the owner reads a bucket, so no row locks are needed.
+-- $3: seqs already in flight in this relay (claimed while the previous batch is published).
 SELECT e.seq, e.id, e.topic, e.key, e.payload::text AS payload, e.headers::text AS headers,
        e.event_type, e.created_at, e.attempts
 FROM outbox_events AS e
 WHERE e.available_at <= now()
   AND e.bucket = ANY (ARRAY(SELECT l.bucket FROM outbox_bucket_leases AS l
                        WHERE l.owner = $1 AND l.lease_until > now()))
+  AND e.seq <> ALL ($3::bigint[])
   AND (e.key IS NULL
        OR NOT e.key = ANY (ARRAY(SELECT DISTINCT w.key FROM outbox_events AS w
                                   WHERE w.available_at > now() AND w.key IS NOT NULL))

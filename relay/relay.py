@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -218,29 +219,65 @@ class Relay:
             # Any other error ends this task, which stops the relay (see run()).
 
     async def _loop(self) -> None:
+        """Claim → publish → settle, pipelined: while a batch is published, the next full
+        batch is already being claimed, and the previous batch's deletes are being written.
+
+        Per-key order survives the overlap: a prefetched batch never holds an event in flight
+        (the claim excludes them), and it drops every event whose key had an undelivered event
+        in a batch published before it (those wait for the next fresh claim, which sees the
+        retry's new available_at)."""
         store_backoff = CircuitBreaker(rand=self._rand)
-        loop = asyncio.get_running_loop()
-        while not self._stopping.is_set():
-            try:
-                if loop.time() >= self._next_rebalance:
-                    self.stats.owned_buckets = await self.store.maintain_leases(rebalance=True)
-                    self._next_rebalance = loop.time() + self.lease_seconds / 3
-                self._wake.clear()
-                batch = await self.store.claim(self.batch_size)
-                if batch:
-                    await self._process(batch)
-                store_backoff.record_success()
-            except StoreUnavailableError as exc:
-                self.stats.store_failures += 1
+        pipe = _Pipeline()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if pipe.prefetch is None:
+                        await pipe.finish_settling()  # a fresh claim sees every settled change
+                        pipe.waiting_keys.clear()
+                        await self._rebalance_if_due()
+                        self._wake.clear()
+                        claimed = await self.store.claim(self.batch_size)
+                    else:
+                        claimed = await pipe.take_prefetch()
+                    batch = [e for e in claimed if e.key is None or e.key not in pipe.waiting_keys]
+                    if len(claimed) == self.batch_size and not self._stopping.is_set():
+                        in_flight = [e.seq for e in claimed] + pipe.settling_seqs
+                        pipe.prefetch = asyncio.create_task(
+                            self.store.claim(self.batch_size, exclude=in_flight)
+                        )
+                    if batch:
+                        results = await self._publish(batch)
+                        if results is None:  # broker down: nothing moves, nothing skips ahead
+                            await pipe.drop_prefetch()
+                            continue
+                        pipe.waiting_keys |= _undelivered_keys(batch, results)
+                        await pipe.finish_settling()
+                        pipe.settle(batch, self._settle(batch, results))
+                    store_backoff.record_success()
+                except StoreUnavailableError as exc:
+                    await pipe.reset()
+                    self.stats.store_failures += 1
+                    await self._notify()
+                    pause = store_backoff.record_failure()
+                    log.warning("store_unavailable", error=str(exc), retry_in=round(pause, 2))
+                    await self._sleep(pause)
+                    continue
+                if pipe.prefetch is None:
+                    await pipe.finish_settling()
+                    self.stats.idle = not claimed
                 await self._notify()
-                pause = store_backoff.record_failure()
-                log.warning("store_unavailable", error=str(exc), retry_in=round(pause, 2))
-                await self._sleep(pause)
-                continue
-            self.stats.idle = not batch
-            await self._notify()
-            if len(batch) < self.batch_size and not self._stopping.is_set():
-                await self._wait_for_work()
+                if len(claimed) < self.batch_size and not self._stopping.is_set():
+                    await self._wait_for_work()
+            await pipe.finish_settling()  # stopping: what was published gets recorded
+        finally:
+            await pipe.reset()
+
+    async def _rebalance_if_due(self) -> None:
+        # Only between batches: a bucket given back must have nothing of it in flight.
+        now = asyncio.get_running_loop().time()
+        if now >= self._next_rebalance:
+            self.stats.owned_buckets = await self.store.maintain_leases(rebalance=True)
+            self._next_rebalance = now + self.lease_seconds / 3
 
     async def _mark_stopped(self) -> None:
         self.stats.stopped = True
@@ -250,7 +287,8 @@ class Relay:
         async with self._changed:
             self._changed.notify_all()
 
-    async def _process(self, batch: list[Envelope]) -> None:
+    async def _publish(self, batch: list[Envelope]) -> list[PublishResult] | None:
+        """The publisher's results, or None when the broker as a whole is unavailable."""
         self.stats.batches += 1
         self.stats.claimed += len(batch)
         log.debug("batch_claimed", size=len(batch), first_seq=batch[0].seq)
@@ -269,17 +307,18 @@ class Relay:
                 failures=self._breaker.failures,
             )
             await self._sleep(pause)
-            return
-        if self._breaker.is_open:
-            log.info("broker_recovered", after_failures=self._breaker.failures)
-        self._breaker.record_success()
-        await self._settle(batch, results)
-
-    async def _settle(self, batch: Sequence[Envelope], results: Sequence[PublishResult]) -> None:
+            return None
         if len(results) != len(batch):
             raise RuntimeError(
                 f"{self.publisher.name} returned {len(results)} results for {len(batch)} events"
             )
+        if self._breaker.is_open:
+            log.info("broker_recovered", after_failures=self._breaker.failures)
+        self._breaker.record_success()
+        return results
+
+    async def _settle(self, batch: Sequence[Envelope], results: Sequence[PublishResult]) -> None:
+        """Record a published batch: delete what was acked, schedule retries, dead-letter."""
         delivered: list[int] = []
         retries: list[Retry] = []
         dead: list[Dead] = []
@@ -332,3 +371,53 @@ class Relay:
             # Our lease on some bucket expired: the new owner will (re)publish those events.
             self.stats.fenced_off += expected - changed
             log.warning("lease_lost", expected=expected, changed=changed)
+
+
+def _undelivered_keys(batch: Sequence[Envelope], results: Sequence[PublishResult]) -> set[str]:
+    """Keys whose later events must wait: an event of theirs is retried or was held back.
+    (A poison event goes to the dead letters and holds nothing up.)"""
+    return {
+        e.key
+        for e, r in zip(batch, results, strict=True)
+        if r is not None and e.key is not None and (r.retriable or not r.counted)
+    }
+
+
+class _Pipeline:
+    """The loop's overlap state: the next claim in flight and the previous batch's settle."""
+
+    def __init__(self) -> None:
+        self.prefetch: asyncio.Task[list[Envelope]] | None = None
+        self.settling: asyncio.Task[None] | None = None
+        self.settling_seqs: list[int] = []
+        #: Keys with an undelivered event in a batch published since the last fresh claim.
+        self.waiting_keys: set[str] = set()
+
+    async def take_prefetch(self) -> list[Envelope]:
+        task, self.prefetch = self.prefetch, None
+        assert task is not None
+        return await task
+
+    def settle(self, batch: Sequence[Envelope], work: Coroutine[Any, Any, None]) -> None:
+        self.settling = asyncio.create_task(work)
+        self.settling_seqs = [e.seq for e in batch]
+
+    async def finish_settling(self) -> None:
+        task, self.settling = self.settling, None
+        self.settling_seqs = []
+        if task is not None:
+            await task  # its errors (StoreUnavailableError) surface in the loop
+
+    async def drop_prefetch(self) -> None:
+        task, self.prefetch = self.prefetch, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def reset(self) -> None:
+        await self.drop_prefetch()
+        task, self.settling = self.settling, None
+        self.settling_seqs = []
+        self.waiting_keys.clear()
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)

@@ -73,8 +73,9 @@ class Store(Protocol):
     async def stop(self) -> None:
         """Release every lease and close connections."""
 
-    async def claim(self, limit: int) -> list[Envelope]:
-        """Oldest available events of owned buckets, in sequence order, per-key order kept."""
+    async def claim(self, limit: int, exclude: Sequence[int] = ()) -> list[Envelope]:
+        """Oldest available events of owned buckets, in sequence order, per-key order kept,
+        leaving out the events whose seq is in `exclude` (they are in flight)."""
 
     async def mark_delivered(self, seqs: Sequence[int]) -> int: ...
 

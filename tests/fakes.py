@@ -52,8 +52,9 @@ class MemoryStore:
     async def stop(self) -> None:
         self.stopped = True
 
-    async def claim(self, limit: int) -> list[Envelope]:
+    async def claim(self, limit: int, exclude: Sequence[int] = ()) -> list[Envelope]:
         now = self.clock()
+        skip = set(exclude)
         waiting: dict[str, int] = {}
         for seq in sorted(self.rows):
             row = self.rows[seq]
@@ -62,7 +63,9 @@ class MemoryStore:
         out = [
             r.event
             for s, r in sorted(self.rows.items())
-            if r.available_at <= now and (r.event.key is None or waiting.get(r.event.key, s) >= s)
+            if s not in skip
+            and r.available_at <= now
+            and (r.event.key is None or waiting.get(r.event.key, s) >= s)
         ]
         return out[:limit]
 
@@ -131,7 +134,7 @@ class FaultInjector:
         poison: set[uuid.UUID] | None = None,
     ) -> None:
         self.inner = inner
-        self.failures = dict(failures or {})
+        self.failures = failures if failures is not None else {}  # shared by relays on purpose
         self.poison = set(poison or ())
 
     async def start(self) -> None:

@@ -69,10 +69,13 @@ def pg_relay(
 
 
 async def read_stream(
-    redis_url: str, stream: str, count: int, timeout: float = 30
+    redis_url: str, stream: str, count: int | None, timeout: float = 30
 ) -> list[Envelope]:
-    """Read `count` entries of a Redis stream, blocking until they are there."""
+    """Read `count` entries of a Redis stream (None: all it holds now), blocking until they
+    are there."""
     client = aioredis.Redis.from_url(redis_url)
+    if count is None:
+        count = await client.xlen(stream)
     out: list[Envelope] = []
     last: bytes | str = "0-0"
     try:

@@ -143,7 +143,9 @@ async def test_claim_is_an_index_scan_on_a_big_table(pg: asyncpg.Connection) -> 
 
     plan = "\n".join(
         r[0]
-        for r in await pg.fetch("EXPLAIN (ANALYZE, BUFFERS) " + QUERIES["claim_batch"], "r1", 500)
+        for r in await pg.fetch(
+            "EXPLAIN (ANALYZE, BUFFERS) " + QUERIES["claim_batch"], "r1", 500, list(range(1, 501))
+        )
     )
     assert "Index Scan using pk_outbox_events" in plan, plan
     assert "Sort" not in plan.split("->")[1], plan  # ordered by the index, no sort of the table

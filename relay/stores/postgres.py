@@ -99,9 +99,9 @@ class PostgresStore:
             raise StoreUnavailableError(str(exc)) from exc
         return result
 
-    async def claim(self, limit: int) -> list[Envelope]:
+    async def claim(self, limit: int, exclude: Sequence[int] = ()) -> list[Envelope]:
         try:
-            rows = await self.pool.fetch(QUERIES["claim_batch"], self._relay_id, limit)
+            rows = await self.pool.fetch(QUERIES["claim_batch"], self._relay_id, limit, exclude)
         except CONNECTION_ERRORS as exc:
             raise StoreUnavailableError(str(exc)) from exc
         return [

@@ -243,10 +243,13 @@ class SqliteStore:
                 raise
             await conn.execute("COMMIT")
 
-    async def claim(self, limit: int) -> list[Envelope]:
-        params = {"now": db_time(self._clock()), "limit": limit}
+    async def claim(self, limit: int, exclude: Sequence[int] = ()) -> list[Envelope]:
+        # Fetch enough to make up for the in-flight rows, then leave those out here.
+        params = {"now": db_time(self._clock()), "limit": limit + len(exclude)}
         async with self._guard() as conn:
             rows = await conn.execute_fetchall(CLAIM_BATCH, params)
+        skip = set(exclude)
+        rows = [row for row in rows if row[0] not in skip][:limit]
         return [
             Envelope(
                 seq=row[0],
