@@ -25,6 +25,7 @@ from sqlalchemy import (
     TypeDecorator,
     Uuid,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -93,7 +94,13 @@ class OutboxEvent(OutboxBase):
             name="key_length",
         ),
         CheckConstraint(f"bucket >= 0 AND bucket < {validation.BUCKETS}", name="bucket_range"),
-        Index("ix_outbox_events_available_at", "available_at"),
+        # Only waiting rows (delayed or retrying) are indexed; see migration 0001.
+        Index(
+            "ix_outbox_events_waiting",
+            "available_at",
+            postgresql_where=text("available_at > created_at"),
+            sqlite_where=text("available_at > created_at"),
+        ),
         # SQLite: never reuse a seq after the table empties (consumers may order by it).
         {"sqlite_autoincrement": True},
     )

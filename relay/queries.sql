@@ -8,6 +8,8 @@
 -- sequence order, skipping any event whose key has an earlier event still waiting for a retry or
 -- a delayed delivery (per-key order). Only the owner reads a bucket, so no row locks are needed.
 -- $3: seqs already in flight in this relay (claimed while the previous batch is published).
+-- "w.available_at > w.created_at" always holds for a waiting row (now() >= created_at); it lets
+-- the planner use the small partial index of waiting rows instead of one over every row.
 SELECT e.seq, e.id, e.topic, e.key, e.payload::text AS payload, e.headers::text AS headers,
        e.event_type, e.created_at, e.attempts
 FROM outbox_events AS e
@@ -17,9 +19,11 @@ WHERE e.available_at <= now()
   AND e.seq <> ALL ($3::bigint[])
   AND (e.key IS NULL
        OR NOT e.key = ANY (ARRAY(SELECT DISTINCT w.key FROM outbox_events AS w
-                                  WHERE w.available_at > now() AND w.key IS NOT NULL))
+                                  WHERE w.available_at > now() AND w.key IS NOT NULL
+                                    AND w.available_at > w.created_at))
        OR NOT EXISTS (SELECT 1 FROM outbox_events AS w
-                      WHERE w.key = e.key AND w.seq < e.seq AND w.available_at > now()))
+                      WHERE w.key = e.key AND w.seq < e.seq AND w.available_at > now()
+                        AND w.available_at > w.created_at))
 ORDER BY e.seq
 LIMIT $2;
 

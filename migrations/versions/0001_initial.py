@@ -59,7 +59,14 @@ def upgrade() -> None:
             "jsonb_typeof(headers) = 'object'", name=op.f("ck_outbox_events_headers_object")
         ),
     )
-    op.create_index("ix_outbox_events_available_at", "outbox_events", ["available_at"])
+    # Only rows that wait (delayed, or retrying) are indexed: a plain insert pays for no index
+    # but the primary key. The claim finds waiting keys through it.
+    op.create_index(
+        "ix_outbox_events_waiting",
+        "outbox_events",
+        ["available_at"],
+        postgresql_where=sa.text("available_at > created_at"),
+    )
     op.execute(f"ALTER TABLE outbox_events SET ({QUEUE_STORAGE})")
 
     op.create_table(
@@ -154,5 +161,5 @@ def downgrade() -> None:
     op.drop_index("ix_outbox_dead_letters_key", table_name="outbox_dead_letters")
     op.drop_index("ix_outbox_dead_letters_topic_last_failed_at", table_name="outbox_dead_letters")
     op.drop_table("outbox_dead_letters")
-    op.drop_index("ix_outbox_events_available_at", table_name="outbox_events")
+    op.drop_index("ix_outbox_events_waiting", table_name="outbox_events")
     op.drop_table("outbox_events")
