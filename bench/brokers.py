@@ -1,0 +1,236 @@
+"""Topics and streams per run, delivered counts, and the consumers that time and order-check."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError
+
+from bench.infra import Services
+
+Broker = Literal["kafka", "redis"]
+BROKERS: tuple[Broker, ...] = ("kafka", "redis")
+PARTITIONS = 3
+#: The payload id every system carries through (see bench.seed.payload).
+BENCH_ID = re.compile(rb'"b": ?"([0-9a-f]{32})"')
+
+
+@dataclass
+class OrderCheck:
+    """Per-key order as the consumer saw it: `outbox-seq` must grow for every key."""
+
+    received: int = 0
+    violations: int = 0
+    duplicates: int = 0
+    _last: dict[bytes, int] = field(default_factory=dict)
+    _seen: set[int] = field(default_factory=set)
+
+    def feed(self, key: bytes | None, seq: int) -> None:
+        self.received += 1
+        if seq in self._seen:
+            self.duplicates += 1
+        self._seen.add(seq)
+        if key is None:
+            return
+        last = self._last.get(key)
+        if last is not None and seq < last:
+            self.violations += 1
+        else:
+            self._last[key] = seq
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "received": self.received,
+            "order_violations": self.violations,
+            "duplicates": self.duplicates,
+            "keys": len(self._last),
+        }
+
+
+class BrokerOps:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def redis(self) -> aioredis.Redis:
+        return aioredis.Redis.from_url(self.services.redis_url)
+
+    async def prepare(self, broker: Broker, topic: str) -> None:
+        """A fresh topic (3 partitions, created up front) or an absent stream."""
+        if broker == "redis":
+            client = self.redis()
+            try:
+                await client.delete(topic)
+            finally:
+                await client.aclose()
+            return
+        admin = await self._kafka_admin()
+        try:
+            await admin.create_topics(
+                [NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)]
+            )
+        finally:
+            await admin.close()
+        await self._wait_for_leaders(topic)
+
+    async def _kafka_admin(self, patience: float = 120.0) -> AIOKafkaAdminClient:
+        """An admin client; waits while the broker is down (others' tests restart it)."""
+        deadline = time.monotonic() + patience
+        while True:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.services.kafka_bootstrap)
+            try:
+                await admin.start()
+            except KafkaConnectionError:
+                await admin.close()
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1.0)
+            else:
+                return admin
+
+    async def _wait_for_leaders(self, topic: str) -> None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.services.kafka_bootstrap)
+        await consumer.start()
+        try:
+            for _ in range(100):
+                await consumer._client.force_metadata_update()
+                parts = consumer.partitions_for_topic(topic)
+                if parts and len(parts) == PARTITIONS:
+                    return
+                await asyncio.sleep(0.05)
+        finally:
+            await consumer.stop()
+
+    async def delivered(self, broker: Broker, topic: str) -> int:
+        """Entries in the stream / records in the topic (sum of end offsets)."""
+        if broker == "redis":
+            client = self.redis()
+            try:
+                return int(await client.xlen(topic))
+            finally:
+                await client.aclose()
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.services.kafka_bootstrap)
+        await consumer.start()
+        try:
+            parts = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+            ends = await consumer.end_offsets(parts)
+            return int(sum(ends.values()))
+        finally:
+            await consumer.stop()
+
+    async def cleanup(self, broker: Broker, topic: str) -> None:
+        with contextlib.suppress(Exception):
+            if broker == "redis":
+                client = self.redis()
+                try:
+                    await client.delete(topic)
+                finally:
+                    await client.aclose()
+            else:
+                admin = AIOKafkaAdminClient(bootstrap_servers=self.services.kafka_bootstrap)
+                await admin.start()
+                try:
+                    await admin.delete_topics([topic])
+                finally:
+                    await admin.close()
+
+    async def check_stream_order(self, stream: str) -> OrderCheck:
+        """Read a whole stream in order and check per-key order of the `seq` field."""
+        check = OrderCheck()
+        client = self.redis()
+        try:
+            start = "-"
+            while True:
+                entries = cast(list[Any], await client.xrange(stream, min=start, count=10_000))
+                for _, fields in entries:
+                    check.feed(fields.get(b"key"), int(fields[b"seq"]))
+                if len(entries) < 10_000:
+                    return check
+                start = "(" + entries[-1][0].decode()
+        finally:
+            await client.aclose()
+
+
+def bench_id_of(*values: bytes | None) -> str | None:
+    for value in values:
+        if value:
+            match = BENCH_ID.search(value)
+            if match:
+                return match.group(1).decode()
+    return None
+
+
+class Receiver:
+    """Records when each event reaches a consumer: bench id -> time.monotonic()."""
+
+    def __init__(self, services: Services, broker: Broker, topic: str) -> None:
+        self.services = services
+        self.broker = broker
+        self.topic = topic
+        self.receipts: dict[str, float] = {}
+        self.order = OrderCheck()
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        if self.broker == "redis":
+            await self._redis()
+        else:
+            await self._kafka()
+
+    async def _redis(self) -> None:
+        client = aioredis.Redis.from_url(self.services.redis_url)
+        last: bytes | str = "0"
+        self.ready.set()
+        try:
+            while not self._stop.is_set():
+                reply = cast(
+                    list[Any], await client.xread({self.topic: last}, count=2000, block=100)
+                )
+                now = time.monotonic()
+                for _, entries in reply:
+                    for entry_id, fields in entries:
+                        last = entry_id
+                        found = bench_id_of(*fields.values())
+                        if found is not None:
+                            self.receipts.setdefault(found, now)
+                        if b"seq" in fields:
+                            self.order.feed(fields.get(b"key"), int(fields[b"seq"]))
+        finally:
+            await client.aclose()
+
+    async def _kafka(self) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.services.kafka_bootstrap,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=50,
+            auto_offset_reset="earliest",
+        )
+        await consumer.start()
+        try:
+            consumer.assign([TopicPartition(self.topic, p) for p in range(PARTITIONS)])
+            await consumer.seek_to_beginning()
+            self.ready.set()
+            while not self._stop.is_set():
+                batches = await consumer.getmany(timeout_ms=100, max_records=5000)
+                now = time.monotonic()
+                for records in batches.values():
+                    for record in records:
+                        found = bench_id_of(record.value)
+                        if found is not None:
+                            self.receipts.setdefault(found, now)
+                        headers = dict(record.headers or ())
+                        if "outbox-seq" in headers:
+                            self.order.feed(record.key, int(headers["outbox-seq"]))
+        finally:
+            await consumer.stop()

@@ -1,0 +1,111 @@
+"""What a run measures: the full and the quick profile, and the targets it reports against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from bench.brokers import BROKERS, Broker
+
+WORKLOADS = ("drain", "latency", "overhead", "cost", "scaleout", "profile")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    quick: bool
+    out: Path
+    workloads: tuple[str, ...] = WORKLOADS
+    brokers: tuple[Broker, ...] = BROKERS
+    keys: int = 1000
+    drain_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
+    naive_sizes: tuple[int, ...] = (10_000, 100_000)
+    #: Drains up to 100k events run this many times; the median is reported.
+    drain_repeats: int = 3
+    faststream_tuned_events: int = 10_000
+    faststream_default_events: int = 2_000
+    latency_rates: tuple[int, ...] = (100, 1_000, 5_000)
+    latency_seconds: float = 10.0
+    faststream_latency_rate: int = 1_000
+    #: Also measure this rate with Postgres JIT off for the database (0: skip).
+    latency_jit_off_rate: int = 1_000
+    #: One writer process (one core) commits ~850 ORM transactions/s with an OutboxEvent;
+    #: a process per 700/s keeps each below saturation, and 2 cores allow few processes.
+    writer_process_rate: int = 700
+    #: The plain-asyncpg writer (latency load) needs ~0.2 ms of CPU per transaction.
+    sql_writer_process_rate: int = 2_500
+    max_writer_processes: int = 4
+    #: Latency load: "sql" (asyncpg, same rows, cheap) or "orm" (the SQLAlchemy ORM path).
+    latency_writer: str = "sql"
+    overhead_seconds: float = 5.0
+    overhead_rounds: int = 2
+    overhead_concurrency: int = 8
+    cost_events: int = 100_000
+    scale_relays: tuple[int, ...] = (1, 2, 4)
+    naive_scale: tuple[int, ...] = (1, 2)
+    scale_events: int = 100_000
+    profile_events: int = 300_000
+    #: Seconds one drain may take before it is reported as timed out.
+    drain_timeout: float = 600.0
+
+
+def full(out: Path) -> BenchConfig:
+    return BenchConfig(quick=False, out=out)
+
+
+def quick(out: Path) -> BenchConfig:
+    """Every workload at toy size: CI proof that the harness runs, not numbers to quote."""
+    return BenchConfig(
+        quick=True,
+        out=out,
+        workloads=tuple(w for w in WORKLOADS if w != "profile"),
+        drain_sizes=(2_000,),
+        drain_repeats=1,
+        naive_sizes=(2_000,),
+        faststream_tuned_events=2_000,
+        faststream_default_events=200,
+        latency_rates=(200,),
+        latency_seconds=2.0,
+        faststream_latency_rate=200,
+        latency_jit_off_rate=0,
+        overhead_seconds=1.0,
+        overhead_rounds=1,
+        cost_events=2_000,
+        scale_relays=(1, 2),
+        naive_scale=(2,),
+        scale_events=2_000,
+        profile_events=2_000,
+        drain_timeout=60.0,
+    )
+
+
+def with_overrides(
+    config: BenchConfig,
+    *,
+    workloads: tuple[str, ...] | None,
+    brokers: tuple[Broker, ...] | None,
+    sizes: tuple[int, ...] | None,
+) -> BenchConfig:
+    if workloads is not None:
+        config = replace(config, workloads=workloads)
+    if brokers is not None:
+        config = replace(config, brokers=brokers)
+    if sizes is not None:
+        config = replace(config, drain_sizes=sizes)
+    return config
+
+
+@dataclass(frozen=True)
+class Targets:
+    kafka_drain: float = 20_000
+    redis_drain: float = 40_000
+    naive_ratio: float = 0.9
+    faststream_ratio: float = 5.0
+    latency_rate: int = 1_000
+    p50_ms: float = 8.0
+    p99_ms: float = 25.0
+    writer_overhead_pct: float = 15.0
+    rss_mb: float = 150.0
+    big_drain_drop_pct: float = 15.0
+
+
+TARGETS = Targets()

@@ -1,0 +1,522 @@
+"""Results -> latest.json, latest.md (tables + targets) and latest.png (bars and latency CDFs)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from bench.config import TARGETS
+
+Result = dict[str, Any]
+
+DEBEZIUM = (
+    "not run: Debezium is Java; PyPI has no maintained Python package for it, and its embedded "
+    "engine would need a JVM harness (Maven + a Java main) beside this Python one. Kafka "
+    "Connect + the Debezium Postgres connector (logical decoding) is the way to compare it."
+)
+
+
+def _ok(rows: Iterable[Result]) -> list[Result]:
+    return [r for r in rows if "error" not in r]
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "-"
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _mb(value: Any) -> str:
+    return "-" if value is None else f"{value / 2**20:,.1f} MB"
+
+
+def reference_drain(results: Result, system: str, broker: str) -> Result | None:
+    """The drain quoted against targets: the largest size up to 100k (the smallest otherwise)."""
+    rows = [
+        r for r in _ok(results.get("drain", [])) if r["system"] == system and r["broker"] == broker
+    ]
+    if not rows:
+        return None
+    small = [r for r in rows if r["events"] <= 100_000]
+    pool = small or rows
+    return max(pool, key=lambda r: r["events"]) if small else min(pool, key=lambda r: r["events"])
+
+
+def _status(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("met" if ok else "MISSED")
+
+
+def _target(name: str, measured: str, ok: bool | None, note: str = "") -> Result:
+    return {"target": name, "measured": measured, "status": _status(ok), "note": note}
+
+
+def evaluate_targets(results: Result) -> list[Result]:
+    t = TARGETS
+    out: list[Result] = []
+    for broker, goal in (("kafka", t.kafka_drain), ("redis", t.redis_drain)):
+        ref = reference_drain(results, "outbox", broker)
+        out.append(
+            _target(
+                f"drain >= {goal:,.0f} ev/s, {broker}, one relay",
+                f"{ref['events_per_s']:,.0f} ev/s at {ref['events']:,}" if ref else "-",
+                None if ref is None else ref["events_per_s"] >= goal,
+            )
+        )
+    scale = {r["relays"]: r for r in _ok(results.get("scaleout", [])) if r["system"] == "outbox"}
+    if scale:
+        most, one = scale[max(scale)], scale.get(1)
+        ok = most["order_violations"] == 0 and (
+            one is None or most["events_per_s"] >= one["events_per_s"]
+        )
+        measured = f"{max(scale)} relays: {most['events_per_s']:,.0f} ev/s, " + (
+            f"{most['order_violations']} order violations; 1 relay: "
+            + (f"{one['events_per_s']:,.0f} ev/s" if one else "-")
+        )
+        out.append(_target("N relays keep per-key order, drain >= 1 relay", measured, ok))
+    else:
+        out.append(_target("N relays keep per-key order, drain >= 1 relay", "-", None))
+    for broker in ("kafka", "redis"):
+        ours = {
+            r["events"]: r
+            for r in _ok(results.get("drain", []))
+            if r["system"] == "outbox" and r["broker"] == broker
+        }
+        naive = {
+            r["events"]: r
+            for r in _ok(results.get("drain", []))
+            if r["system"] == "naive" and r["broker"] == broker
+        }
+        common = sorted(set(ours) & set(naive))
+        if common:
+            size = common[-1] if common[-1] <= 100_000 else common[0]
+            ratio = ours[size]["events_per_s"] / naive[size]["events_per_s"]
+            out.append(
+                _target(
+                    f">= {t.naive_ratio}x the naive floor, {broker}",
+                    f"{ratio:.2f}x at {size:,}",
+                    ratio >= t.naive_ratio,
+                )
+            )
+        else:
+            out.append(_target(f">= {t.naive_ratio}x the naive floor, {broker}", "-", None))
+        ref = reference_drain(results, "outbox", broker)
+        fs = [
+            r
+            for r in _ok(results.get("drain", []))
+            if r["system"].startswith("faststream") and r["broker"] == broker
+        ]
+        if ref and fs:
+            best = max(fs, key=lambda r: r["events_per_s"])
+            ratio = ref["events_per_s"] / best["events_per_s"]
+            out.append(
+                _target(
+                    f">= {t.faststream_ratio:.0f}x faststream-outbox, {broker}",
+                    f"{ratio:.1f}x (vs its best, {best['system']})",
+                    ratio >= t.faststream_ratio,
+                )
+            )
+        else:
+            out.append(
+                _target(f">= {t.faststream_ratio:.0f}x faststream-outbox, {broker}", "-", None)
+            )
+    for broker in ("kafka", "redis"):
+        rows = [
+            r
+            for r in _ok(results.get("latency", []))
+            if r["system"] == "outbox" and r["broker"] == broker
+        ]
+        if rows:
+            row = min(rows, key=lambda r: abs(r["target_rate"] - t.latency_rate))
+            note = (
+                ""
+                if row["target_rate"] == t.latency_rate
+                else f"measured at {row['target_rate']}/s"
+            )
+            for r in _ok(results.get("latency", [])):
+                if r["system"] == "outbox, jit=off" and r["broker"] == broker:
+                    note += (
+                        f"with Postgres jit=off: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms"
+                    )
+            out.append(
+                _target(
+                    f"{broker} at {t.latency_rate:,}/s: "
+                    f"p50 <= {t.p50_ms:.0f} ms, p99 <= {t.p99_ms:.0f} ms",
+                    f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms",
+                    row["p50_ms"] <= t.p50_ms and row["p99_ms"] <= t.p99_ms,
+                    note,
+                )
+            )
+        else:
+            out.append(_target(f"{broker} latency at {t.latency_rate:,}/s", "-", None))
+    over = _ok(results.get("overhead", []))
+    if over:
+        o = over[0]
+        out.append(
+            _target(
+                f"writer overhead <= {t.writer_overhead_pct:.0f} %",
+                f"+{o['added_latency_pct']} % latency, -{o['throughput_loss_pct']} % throughput",
+                max(o["added_latency_pct"], o["throughput_loss_pct"]) <= t.writer_overhead_pct,
+            )
+        )
+    else:
+        out.append(_target(f"writer overhead <= {t.writer_overhead_pct:.0f} %", "-", None))
+    rss = [
+        r["peak_rss_mb"]
+        for r in _ok(results.get("cost", [])) + _ok(results.get("scaleout", []))
+        if r.get("system") == "outbox" and "peak_rss_mb" in r
+    ]
+    out.append(
+        _target(
+            f"relay peak RSS <= {t.rss_mb:.0f} MB",
+            f"{max(rss):.0f} MB" if rss else "-",
+            None if not rss else max(rss) <= t.rss_mb,
+        )
+    )
+    for broker in ("kafka", "redis"):
+        rows = sorted(
+            (
+                r
+                for r in _ok(results.get("drain", []))
+                if r["system"] == "outbox" and r["broker"] == broker
+            ),
+            key=lambda r: r["events"],
+        )
+        name = f"drain at 1M within {t.big_drain_drop_pct:.0f} % of 10k, {broker}"
+        if len(rows) >= 2 and rows[-1]["events"] >= 1_000_000:
+            small, big = rows[0], rows[-1]
+            drop = (1 - big["events_per_s"] / small["events_per_s"]) * 100
+            out.append(
+                _target(
+                    name,
+                    f"{big['events_per_s']:,.0f} vs {small['events_per_s']:,.0f} ev/s "
+                    f"({-drop:+.1f} %)",
+                    drop <= t.big_drain_drop_pct,
+                )
+            )
+        else:
+            out.append(_target(name, "-", None, "1M not in --sizes"))
+    return out
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _errors(rows: list[Result], label: str) -> list[str]:
+    return [f"- {label} {_describe(r)}: **failed**: {r['error']}" for r in rows if "error" in r]
+
+
+def _describe(r: Result) -> str:
+    keys = ("system", "broker", "events", "target_rate", "relays")
+    return " ".join(str(r[k]) for k in keys if k in r)
+
+
+def markdown(results: Result) -> str:
+    m = results["machine"]
+    lines = [
+        f"# Outbox benchmark ({results['mode']} run)",
+        "",
+        f"{m['date']} · {m['cpu_count']} x {m['cpu_model']} · {m['memory_gib']} GiB · "
+        f"Python {m['python']} · Postgres {m['postgres']} · Kafka {m['kafka']} · Redis {m['redis']}"
+        f" · wall time {results['wall_seconds']:.0f} s",
+        "",
+    ]
+    git = m.get("git") or {}
+    changed = [f for f in git.get("uncommitted", []) if not f.startswith(("bench/", "docs/"))]
+    lines += [
+        f"Code measured: commit `{str(git.get('commit', ''))[:10]}`"
+        + (f", with uncommitted changes in {', '.join(changed)}" if changed else "")
+        + ".",
+        "",
+    ]
+    if results["mode"] == "quick":
+        lines += [
+            "Quick run: toy sizes that prove the harness works. Do not quote these numbers.",
+            "",
+        ]
+    if results.get("other_activity"):
+        lines += [
+            f"Note: {results['other_activity']} other backend(s) were busy on the same Postgres "
+            "when the run started (others testing): figures may be noisy.",
+            "",
+        ]
+    lines += ["## Targets (reported, never asserted)", ""]
+    lines += _table(
+        ["target", "measured", "status", "note"],
+        [[t["target"], t["measured"], t["status"], t["note"]] for t in results["targets"]],
+    )
+    drain = results.get("drain", [])
+    if drain:
+        lines += [
+            "## Drain: N pending events, relay started cold, until all acked and deleted",
+            "",
+            "Median of the runs listed in the last column (runs up to 100k are repeated).",
+            "",
+        ]
+        lines += _table(
+            [
+                "system",
+                "broker",
+                "events",
+                "seconds",
+                "events/s",
+                "CPU s / 10k",
+                "dead tuples",
+                "table size",
+                "machine CPU %",
+                "all runs, ev/s",
+            ],
+            [
+                [
+                    r["system"],
+                    r["broker"],
+                    _fmt(r["events"]),
+                    _fmt(r["seconds"], 2),
+                    _fmt(r["events_per_s"], 0),
+                    _fmt(r.get("cpu_s_per_10k"), 2),
+                    _fmt(r.get("dead_tuples")),
+                    _mb(r.get("table_bytes")),
+                    _fmt(r.get("machine_cpu_pct"), 0),
+                    ", ".join(_fmt(v, 0) for v in r.get("runs_events_per_s", [])),
+                ]
+                for r in _ok(drain)
+            ],
+        )
+        lines += _errors(drain, "drain")
+    latency = results.get("latency", [])
+    if latency:
+        lines += ["## Latency under steady load: commit returned -> consumer received", ""]
+        lines += _table(
+            [
+                "system",
+                "broker",
+                "target/s",
+                "achieved/s",
+                "p50 ms",
+                "p95 ms",
+                "p99 ms",
+                "max ms",
+                "p50 / p99 from COMMIT sent",
+                "received",
+                "before commit returned",
+                "machine CPU %",
+            ],
+            [
+                [
+                    r["system"],
+                    r["broker"],
+                    _fmt(r["target_rate"]),
+                    _fmt(r["achieved_rate"], 0),
+                    _fmt(r["p50_ms"]),
+                    _fmt(r["p95_ms"]),
+                    _fmt(r["p99_ms"]),
+                    _fmt(r["max_ms"]),
+                    f"{_fmt(r['from_commit_sent']['p50_ms'])} / "
+                    f"{_fmt(r['from_commit_sent']['p99_ms'])}",
+                    f"{r['received']:,}/{r['committed']:,}",
+                    _fmt(r["before_commit_returned"]),
+                    _fmt(r.get("machine_cpu_pct"), 0),
+                ]
+                for r in _ok(latency)
+            ],
+        )
+        lines += _errors(latency, "latency")
+    for o in results.get("overhead", []):
+        lines += ["## Writer overhead: one `orders` row, with and without an OutboxEvent", ""]
+        if "error" in o:
+            lines += _errors([o], "overhead")
+            continue
+        lines += _table(
+            [
+                "transaction",
+                "tx/s",
+                "mean ms",
+                "p50 ms",
+                "p99 ms",
+                "writer CPU ms/tx",
+                "writer CPU %",
+            ],
+            [
+                [
+                    mode,
+                    _fmt(o[mode]["tx_per_s"], 0),
+                    _fmt(o[mode]["mean_ms"], 2),
+                    _fmt(o[mode]["p50_ms"], 2),
+                    _fmt(o[mode]["p99_ms"], 2),
+                    _fmt(o[mode]["writer_cpu_ms_per_tx"], 3),
+                    _fmt(o[mode]["writer_cpu_pct"], 0),
+                ]
+                for mode in ("plain", "outbox", "outbox-nonotify", "plain-sql", "outbox-sql")
+            ],
+        )
+        lines += [
+            f"Added latency {o['added_latency_pct']} % (p50 +{o['added_p50_ms']} ms), "
+            f"throughput loss {o['throughput_loss_pct']} % ({o['concurrency']} concurrent "
+            "writers, closed loop, no relay). With the NOTIFY trigger disabled: "
+            f"+{o['nonotify_added_latency_pct']} % latency, "
+            f"{o['nonotify_throughput_loss_pct']} % throughput loss. The same rows through plain "
+            f"asyncpg (`-sql`, no ORM): +{o['sql_added_latency_pct']} % latency, "
+            f"{o['sql_throughput_loss_pct']} % throughput loss.",
+            "",
+        ]
+    cost = results.get("cost", [])
+    if cost:
+        lines += ["## Cost: `outbox-relay run` subprocess draining N events", ""]
+        lines += _table(
+            [
+                "broker",
+                "events",
+                "events/s",
+                "relay CPU s / 10k",
+                "relay CPU %",
+                "peak RSS",
+                "Postgres CPU s",
+                "broker CPU s",
+                "dead tuples after",
+                "table size after",
+            ],
+            [
+                [
+                    r["broker"],
+                    _fmt(r["events"]),
+                    _fmt(r["events_per_s"], 0),
+                    _fmt(r["relay_cpu_s_per_10k"], 2),
+                    _fmt(r["relay_cpu_util_pct"], 0),
+                    f"{r['peak_rss_mb']:.0f} MB",
+                    _fmt(r["server_cpu_seconds"]["postgres"]),
+                    _fmt(r["server_cpu_seconds"][r["broker"]]),
+                    _fmt(r.get("dead_tuples")),
+                    _mb(r.get("table_bytes")),
+                ]
+                for r in _ok(cost)
+            ],
+        )
+        lines += _errors(cost, "cost")
+    scale = results.get("scaleout", [])
+    if scale:
+        lines += ["## Scale-out on one table (Redis), per-key order checked at the consumer", ""]
+        lines += _table(
+            [
+                "system",
+                "processes",
+                "events",
+                "events/s",
+                "order violations",
+                "duplicates",
+                "relay CPU s / 10k",
+            ],
+            [
+                [
+                    r["system"],
+                    _fmt(r["relays"]),
+                    _fmt(r["received"]),
+                    _fmt(r["events_per_s"], 0),
+                    _fmt(r["order_violations"]),
+                    _fmt(r["duplicates"]),
+                    _fmt(r["relay_cpu_s_per_10k"], 2),
+                ]
+                for r in _ok(scale)
+            ],
+        )
+        lines += _errors(scale, "scale-out")
+    for p in results.get("profile", []):
+        lines += [f"## Profile: py-spy on `outbox-relay run` during a {p['broker']} drain", ""]
+        if "error" in p:
+            lines += _errors([p], "profile")
+            continue
+        servers = ", ".join(f"{k} {v} s" for k, v in p["server_cpu_seconds"].items())
+        lines += [
+            f"{p['events']:,} events in {p['seconds']} s ({_fmt(p['events_per_s'], 0)} ev/s). "
+            f"CPU over the drain: relay {p['relay_cpu_seconds']} s "
+            f"({p['relay_cpu_util_pct']} % of one core); {servers}. "
+            f"py-spy samples the relay at 250 Hz; shares below are of its busy samples "
+            f"(idle in the event loop: {p['idle_pct_of_window']} % of the recording window, "
+            "which also spans the second before and after the drain).",
+            "",
+        ]
+        lines += _table(
+            ["self time by component", "%"],
+            [[name, _fmt(pct)] for name, pct in p["self_by_component_pct_of_busy"]],
+        )
+        lines += _table(
+            ["self time, top functions", "%"],
+            [[f"`{name}`", _fmt(pct)] for name, pct in p["top_self_pct_of_busy"][:12]],
+        )
+        lines += _table(
+            ["relay functions, inclusive", "%"],
+            [[f"`{name}`", _fmt(pct)] for name, pct in p["relay_inclusive_pct_of_busy"][:12]],
+        )
+    lines += ["## Not run", ""]
+    lines += [f"- {name}: {why}" for name, why in results.get("not_run", {}).items()]
+    lines += [""]
+    return "\n".join(lines)
+
+
+def plot(results: Result, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, cdf, scale) = plt.subplots(1, 3, figsize=(18, 5.5))
+    systems = ["outbox", "naive", "faststream-tuned", "faststream-defaults"]
+    width = 0.38
+    for offset, broker in ((-width / 2, "kafka"), (width / 2, "redis")):
+        values = []
+        for system in systems:
+            ref = reference_drain(results, system, broker)
+            values.append(ref["events_per_s"] if ref else 0.0)
+        xs = [i + offset for i in range(len(systems))]
+        drawn = bars.bar(xs, values, width, label=broker)
+        bars.bar_label(drawn, labels=[f"{v:,.0f}" for v in values], fontsize=7)
+    bars.set_xticks(range(len(systems)), systems, rotation=15)
+    bars.set_ylabel("events/s")
+    bars.set_title("Drain, one process (largest run up to 100k events)")
+    bars.legend()
+    for r in _ok(results.get("latency", [])):
+        points = r.get("cdf_ms") or []
+        if points:
+            cdf.plot(
+                [max(p[0], 0.01) for p in points],
+                [p[1] for p in points],
+                label=f"{r['system']} {r['broker']} {r['target_rate']}/s",
+            )
+    cdf.set_xscale("log")
+    cdf.set_xlabel("commit returned -> consumer, ms (log; <= 0 drawn at 0.01)")
+    cdf.set_ylabel("fraction of events")
+    cdf.set_title("Latency CDF under steady load")
+    cdf.grid(True, which="both", alpha=0.3)
+    if cdf.lines:
+        cdf.legend(fontsize=7)
+    rows = _ok(results.get("scaleout", []))
+    labels = [f"{r['system']} x{r['relays']}" for r in rows]
+    drawn = scale.bar(
+        range(len(rows)),
+        [r["events_per_s"] for r in rows],
+        color=["tab:red" if r["order_violations"] else "tab:green" for r in rows],
+    )
+    scale.bar_label(drawn, labels=[f"{r['order_violations']} viol." for r in rows], fontsize=7)
+    scale.set_xticks(range(len(rows)), labels, rotation=15)
+    scale.set_ylabel("events/s")
+    scale.set_title("Scale-out, Redis (red: per-key order broken)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(results: Result, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    results["targets"] = evaluate_targets(results)
+    (out / "latest.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / "latest.md").write_text(markdown(results))
+    plot(results, out / "latest.png")

@@ -1,0 +1,564 @@
+"""Drain (relays in this process: ours, naive, faststream-outbox), writer overhead and
+latency (relay, writers in child processes; consumer here)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import math
+import os
+import resource
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psutil
+
+from bench import faststream_runner, naive_relay
+from bench.brokers import Broker, BrokerOps, Receiver
+from bench.config import BenchConfig
+from bench.infra import Databases, Services, is_empty, poll, table_stats
+from bench.procs import Proc, module_argv, relay_argv
+from bench.seed import seed_faststream, seed_outbox
+from outbox.urls import asyncpg_dsn
+from relay.factory import build_relay
+from relay.settings import RelaySettings
+
+Result = dict[str, Any]
+
+
+@dataclass
+class Context:
+    services: Services
+    dbs: Databases
+    ops: BrokerOps
+    config: BenchConfig
+    run_id: str
+    tmp: Path
+
+    def topic(self, label: str) -> str:
+        return f"bench-{self.run_id}-{label}-{uuid.uuid4().hex[:6]}"
+
+    def log(self, message: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def rate(events: int, seconds: float) -> float:
+    return round(events / seconds, 1) if seconds > 0 else 0.0
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, math.ceil(q / 100 * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+def cdf_points(sorted_values: list[float], points: int = 200) -> list[list[float]]:
+    """[value, fraction] pairs, enough to draw a CDF without storing every sample."""
+    n = len(sorted_values)
+    if n == 0:
+        return []
+    step = max(1, n // points)
+    out = [[round(sorted_values[i], 3), round((i + 1) / n, 4)] for i in range(0, n, step)]
+    out.append([round(sorted_values[-1], 3), 1.0])
+    return out
+
+
+def cpu_self() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def guarded(
+    ctx: Context, label: str, run: Callable[[], Awaitable[Result]], base: Result
+) -> Result:
+    """Run one experiment; a failure becomes an `error` entry instead of ending the run."""
+    ctx.log(label)
+    started = time.perf_counter()
+    psutil.cpu_percent()  # starts the machine-wide CPU window read below
+    try:
+        result = {**base, **(await run())}
+    except Exception as exc:  # noqa: BLE001 - one failed experiment must not end the run
+        traceback.print_exc()
+        result = {**base, "error": f"{type(exc).__name__}: {exc}"}
+    # How busy the whole machine was (others' tests included): context for every figure.
+    result["machine_cpu_pct"] = psutil.cpu_percent()
+    result["load_1m"] = round(os.getloadavg()[0], 2)
+    ctx.log(f"  -> {_brief(result)} ({time.perf_counter() - started:.1f}s)")
+    return result
+
+
+def _brief(result: Result) -> str:
+    keys = ("events_per_s", "p50_ms", "p99_ms", "error")
+    return ", ".join(f"{k}={result[k]}" for k in keys if k in result) or "done"
+
+
+async def wait_until_empty(url: str, table: str, pk: str, timeout: float) -> float:
+    """Poll (20 ms) until `table` is empty; returns time.perf_counter() at that moment."""
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+
+    async def empty() -> bool:
+        return await is_empty(conn, table, pk)
+
+    try:
+        await poll(empty, 0.02, timeout)
+        return time.perf_counter()
+    finally:
+        await conn.close()
+
+
+# -- drain -------------------------------------------------------------------------------------
+
+
+async def drain(ctx: Context) -> list[Result]:
+    """Every system and size; runs up to 100k repeat `drain_repeats` times, interleaved (so a
+    burst of background load hits all systems alike), and the median run is reported."""
+    cfg = ctx.config
+    experiments: list[tuple[str, Callable[[], Awaitable[Result]], Result]] = []
+    for broker in cfg.brokers:
+        experiments += [
+            (
+                f"drain {system} {broker} {size:,}",
+                functools.partial(run, ctx, broker, size),
+                {"system": system, "broker": broker, "events": size},
+            )
+            for system, run, sizes in (
+                ("outbox", _drain_outbox, cfg.drain_sizes),
+                ("naive", _drain_naive, cfg.naive_sizes),
+            )
+            for size in sizes
+        ]
+        experiments += [
+            (
+                f"drain faststream-outbox ({preset}) {broker} {size:,}",
+                functools.partial(_drain_faststream, ctx, broker, size, preset),
+                {"system": f"faststream-{preset}", "broker": broker, "events": size},
+            )
+            for preset, size in (
+                ("tuned", cfg.faststream_tuned_events),
+                ("defaults", cfg.faststream_default_events),
+            )
+        ]
+    runs: list[list[Result]] = [[] for _ in experiments]
+    for attempt in range(cfg.drain_repeats):
+        for i, (label, run, base) in enumerate(experiments):
+            if attempt == 0 or base["events"] <= 100_000:
+                runs[i].append(await guarded(ctx, f"{label} #{attempt + 1}", run, base))
+    return [median_run(r) for r in runs]
+
+
+def median_run(runs: list[Result]) -> Result:
+    """The run with the median rate, with every run's rate beside it."""
+    ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["events_per_s"])
+    if not ok:
+        return runs[-1]
+    chosen = dict(ok[(len(ok) - 1) // 2])
+    chosen["runs_events_per_s"] = [r.get("events_per_s") for r in runs]
+    return chosen
+
+
+async def _seeded(
+    ctx: Context, url: str, broker: Broker, size: int, label: str
+) -> tuple[str, float]:
+    topic = ctx.topic(label)
+    await ctx.ops.prepare(broker, topic)
+    started = time.perf_counter()
+    await seed_outbox(url, size, topic, ctx.config.keys)
+    return topic, time.perf_counter() - started
+
+
+async def _drain_outbox(ctx: Context, broker: Broker, size: int) -> Result:
+    async with ctx.dbs.fresh() as url:
+        topic, seed_seconds = await _seeded(ctx, url, broker, size, f"drain-{broker}")
+        try:
+            cpu = cpu_self()
+            started = time.perf_counter()
+            relay = build_relay(
+                RelaySettings(
+                    database_url=url,
+                    broker=broker,
+                    kafka_bootstrap=ctx.services.kafka_bootstrap,
+                    redis_url=ctx.services.redis_url,
+                    relay_id="bench-drain",
+                )
+            )
+            async with asyncio.timeout(ctx.config.drain_timeout):
+                stats = await relay.drain()
+            seconds = time.perf_counter() - started
+            cpu = cpu_self() - cpu
+            delivered = await ctx.ops.delivered(broker, topic)
+            table = await table_stats(url, "outbox_events")
+        finally:
+            await ctx.ops.cleanup(broker, topic)
+    return {
+        "seconds": round(seconds, 3),
+        "events_per_s": rate(stats.delivered, seconds),
+        "relayed": stats.delivered,
+        "delivered": delivered,
+        "batches": stats.batches,
+        "cpu_seconds": round(cpu, 2),
+        "cpu_s_per_10k": round(cpu / max(1, stats.delivered) * 10_000, 3),
+        "seed_seconds": round(seed_seconds, 2),
+        "dead_tuples": table.get("n_dead_tup"),
+        "live_tuples": table.get("n_live_tup"),
+        "table_bytes": table.get("total_bytes"),
+    }
+
+
+async def _drain_naive(ctx: Context, broker: Broker, size: int) -> Result:
+    async with ctx.dbs.fresh() as url:
+        topic, seed_seconds = await _seeded(ctx, url, broker, size, f"naive-{broker}")
+        try:
+            cpu = cpu_self()
+            started = time.perf_counter()
+            async with asyncio.timeout(ctx.config.drain_timeout):
+                relayed = await naive_relay.run(
+                    url,
+                    broker,
+                    kafka_bootstrap=ctx.services.kafka_bootstrap,
+                    redis_url=ctx.services.redis_url,
+                    until_empty=True,
+                )
+            seconds = time.perf_counter() - started
+            cpu = cpu_self() - cpu
+            delivered = await ctx.ops.delivered(broker, topic)
+        finally:
+            await ctx.ops.cleanup(broker, topic)
+    return {
+        "seconds": round(seconds, 3),
+        "events_per_s": rate(relayed, seconds),
+        "relayed": relayed,
+        "delivered": delivered,
+        "cpu_seconds": round(cpu, 2),
+        "cpu_s_per_10k": round(cpu / max(1, relayed) * 10_000, 3),
+        "seed_seconds": round(seed_seconds, 2),
+    }
+
+
+async def _drain_faststream(ctx: Context, broker: Broker, size: int, preset: str) -> Result:
+    async with ctx.dbs.fresh() as url:
+        topic = ctx.topic(f"fs-{broker}")
+        await ctx.ops.prepare(broker, topic)
+        try:
+            await seed_faststream(url, faststream_runner.TABLE, size, faststream_runner.QUEUE)
+            cpu = cpu_self()
+            async with asyncio.timeout(ctx.config.drain_timeout):
+                seconds = await faststream_runner.drain(
+                    url,
+                    broker,
+                    topic=topic,
+                    preset=preset,
+                    bootstrap=ctx.services.kafka_bootstrap,
+                    redis_url=ctx.services.redis_url,
+                    count=size,
+                )
+            cpu = cpu_self() - cpu
+            delivered = await ctx.ops.delivered(broker, topic)
+            table = await table_stats(url, faststream_runner.TABLE)
+        finally:
+            await ctx.ops.cleanup(broker, topic)
+    return {
+        "seconds": round(seconds, 3),
+        "events_per_s": rate(size, seconds),
+        "delivered": delivered,
+        "cpu_seconds": round(cpu, 2),
+        "cpu_s_per_10k": round(cpu / size * 10_000, 3),
+        "dead_tuples": table.get("n_dead_tup"),
+        "table_bytes": table.get("total_bytes"),
+        "settings": faststream_runner.PRESETS[preset] or "package defaults",
+    }
+
+
+# -- writers -----------------------------------------------------------------------------------
+
+
+def spawn_writers(
+    ctx: Context,
+    url: str,
+    modes: str,
+    *,
+    target_rate: float,
+    seconds: float,
+    topic: str,
+    concurrency: int | None = None,
+) -> list[tuple[Proc, Path]]:
+    """Writer processes (one per `writer_process_rate` tx/s, at most `max_writer_processes`),
+    each waiting for `go()`."""
+    per_process = (
+        ctx.config.sql_writer_process_rate
+        if modes.endswith("-sql")
+        else ctx.config.writer_process_rate
+    )
+    needed = math.ceil(target_rate / per_process)
+    procs = 1 if target_rate <= 0 else min(ctx.config.max_writer_processes, needed)
+    per_proc = target_rate / procs
+    width = concurrency or max(4, min(64, math.ceil(per_proc / 50)))
+    running: list[tuple[Proc, Path]] = []
+    for i in range(procs):
+        out = ctx.tmp / f"writer-{uuid.uuid4().hex[:8]}.json"
+        argv = module_argv(
+            "bench.writer",
+            *("--database-url", url, "--mode", modes, "--rate", str(per_proc)),
+            *("--duration", str(seconds), "--concurrency", str(width), "--topic", topic),
+            *("--keys", str(ctx.config.keys), "--offset", str(i * 10_000_000)),
+            *("--out", str(out), "--go"),
+        )
+        running.append((Proc(argv, out.with_suffix(".log"), stdin=True), out))
+    return running
+
+
+async def collect_writers(running: list[tuple[Proc, Path]], timeout: float) -> list[Result]:
+    """Start the writers together; returns every run of every writer."""
+    for proc, _ in running:
+        proc.go()
+    runs: list[Result] = []
+    for proc, out in running:
+        code = await proc.wait(timeout)
+        if code != 0:
+            raise RuntimeError(f"writer exited {code}: {proc.tail()}")
+        runs.extend(json.loads(out.read_text()))
+    return runs
+
+
+def _latency_summary(values: list[float]) -> Result:
+    ordered = sorted(v * 1000 for v in values)
+    return {
+        "mean_ms": round(sum(ordered) / len(ordered), 3) if ordered else None,
+        "p50_ms": round(percentile(ordered, 50), 3),
+        "p95_ms": round(percentile(ordered, 95), 3),
+        "p99_ms": round(percentile(ordered, 99), 3),
+        "max_ms": round(ordered[-1], 3) if ordered else None,
+    }
+
+
+async def overhead(ctx: Context) -> list[Result]:
+    """Closed-loop writers, with and without an OutboxEvent, alternating; no relay running."""
+    result = await guarded(
+        ctx, "writer overhead", functools.partial(_overhead, ctx), {"workload": "overhead"}
+    )
+    return [result]
+
+
+OVERHEAD_MODES = ("plain", "outbox", "outbox-nonotify", "plain-sql", "outbox-sql")
+
+
+async def _overhead(ctx: Context) -> Result:
+    cfg = ctx.config
+    async with ctx.dbs.fresh() as url:
+        writers = spawn_writers(
+            ctx,
+            url,
+            ",".join(OVERHEAD_MODES * cfg.overhead_rounds),
+            target_rate=0,
+            seconds=cfg.overhead_seconds,
+            topic="bench-overhead",
+            concurrency=cfg.overhead_concurrency,
+        )
+        timeout = 60 + cfg.overhead_seconds * len(OVERHEAD_MODES) * cfg.overhead_rounds
+        done = await collect_writers(writers, timeout)
+    runs = {mode: [r for r in done if r["mode"] == mode] for mode in OVERHEAD_MODES}
+    summary: Result = {"concurrency": cfg.overhead_concurrency, "seconds": cfg.overhead_seconds}
+    for mode, outputs in runs.items():
+        durations = [d for o in outputs for d in o["durations"]]
+        elapsed = sum(o["ended"] - o["started"] for o in outputs)
+        cpu = sum(o["cpu_seconds"] for o in outputs)
+        summary[mode] = {
+            "transactions": len(durations),
+            "tx_per_s": rate(len(durations), elapsed),
+            "writer_cpu_ms_per_tx": round(cpu / max(1, len(durations)) * 1000, 3),
+            "writer_cpu_pct": round(cpu / elapsed * 100, 1),
+            "errors": sum(o["errors"] for o in outputs),
+            **_latency_summary(durations),
+        }
+    plain, outbox = summary["plain"], summary["outbox"]
+    summary["added_latency_pct"] = round((outbox["mean_ms"] / plain["mean_ms"] - 1) * 100, 1)
+    summary["added_p50_ms"] = round(outbox["p50_ms"] - plain["p50_ms"], 3)
+    summary["throughput_loss_pct"] = round((1 - outbox["tx_per_s"] / plain["tx_per_s"]) * 100, 1)
+    sql_plain, sql_outbox = summary["plain-sql"], summary["outbox-sql"]
+    summary["sql_added_latency_pct"] = round(
+        (sql_outbox["mean_ms"] / sql_plain["mean_ms"] - 1) * 100, 1
+    )
+    summary["sql_throughput_loss_pct"] = round(
+        (1 - sql_outbox["tx_per_s"] / sql_plain["tx_per_s"]) * 100, 1
+    )
+    quiet = summary["outbox-nonotify"]
+    summary["nonotify_added_latency_pct"] = round(
+        (quiet["mean_ms"] / plain["mean_ms"] - 1) * 100, 1
+    )
+    summary["nonotify_throughput_loss_pct"] = round(
+        (1 - quiet["tx_per_s"] / plain["tx_per_s"]) * 100, 1
+    )
+    return summary
+
+
+# -- latency -----------------------------------------------------------------------------------
+
+
+async def latency(ctx: Context) -> list[Result]:
+    results: list[Result] = []
+    cfg = ctx.config
+    for broker in cfg.brokers:
+        for target in cfg.latency_rates:
+            base = {"system": "outbox", "broker": broker, "target_rate": target}
+            results.append(
+                await guarded(
+                    ctx,
+                    f"latency outbox {broker} {target}/s",
+                    functools.partial(_latency, ctx, broker, target, "outbox"),
+                    base,
+                )
+            )
+        if cfg.latency_jit_off_rate:
+            # Diagnostic, not the product as shipped: the same relay with Postgres JIT off
+            # for the database (JIT compiling the claim query stalls it for ~0.2 s a time).
+            target = cfg.latency_jit_off_rate
+            base = {"system": "outbox, jit=off", "broker": broker, "target_rate": target}
+            results.append(
+                await guarded(
+                    ctx,
+                    f"latency outbox {broker} {target}/s, Postgres jit=off",
+                    functools.partial(_latency, ctx, broker, target, "outbox", jit_off=True),
+                    base,
+                )
+            )
+        target = cfg.faststream_latency_rate
+        base = {"system": "faststream-tuned", "broker": broker, "target_rate": target}
+        results.append(
+            await guarded(
+                ctx,
+                f"latency faststream-outbox (tuned) {broker} {target}/s",
+                functools.partial(_latency, ctx, broker, target, "faststream"),
+                base,
+            )
+        )
+    return results
+
+
+async def start_relay(ctx: Context, url: str, broker: Broker, relay_id: str, *extra: str) -> Proc:
+    """`outbox-relay run` in a child process, returned once it has registered itself."""
+    proc = Proc(
+        relay_argv(url, broker, ctx.services, relay_id, *extra), ctx.tmp / f"{relay_id}.log"
+    )
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        async with asyncio.timeout(30):
+            while not await conn.fetchval(
+                "SELECT count(*) FROM outbox_relays WHERE relay_id = $1", relay_id
+            ):
+                if not proc.alive():
+                    raise RuntimeError(f"relay exited: {proc.tail()}")
+                await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    await asyncio.sleep(0.5)  # its publisher connects right after it registers
+    return proc
+
+
+async def start_faststream(ctx: Context, url: str, broker: Broker, topic: str) -> Proc:
+    """faststream-outbox's relay in a child process, returned once its LISTEN is up."""
+    argv = module_argv(
+        "bench.faststream_runner",
+        "--database-url",
+        url,
+        "--broker",
+        broker,
+        "--topic",
+        topic,
+        "--preset",
+        "tuned",
+        "--kafka-bootstrap",
+        ctx.services.kafka_bootstrap,
+        "--redis-url",
+        ctx.services.redis_url,
+    )
+    proc = Proc(argv, ctx.tmp / f"faststream-{topic}.log")
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        async with asyncio.timeout(30):
+            while not await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND query ILIKE 'LISTEN%'"
+            ):
+                if not proc.alive():
+                    raise RuntimeError(f"faststream relay exited: {proc.tail()}")
+                await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    await asyncio.sleep(0.5)
+    return proc
+
+
+async def _latency(
+    ctx: Context, broker: Broker, target: int, mode: str, *, jit_off: bool = False
+) -> Result:
+    cfg = ctx.config
+    async with ctx.dbs.fresh() as url:
+        if jit_off:
+            conn = await asyncpg.connect(asyncpg_dsn(url))
+            try:
+                name = await conn.fetchval("SELECT current_database()")
+                await conn.execute(f'ALTER DATABASE "{name}" SET jit = off')
+            finally:
+                await conn.close()
+        topic = ctx.topic(f"lat-{broker}")
+        await ctx.ops.prepare(broker, topic)
+        receiver = Receiver(ctx.services, broker, topic)
+        consumer = asyncio.create_task(receiver.run())
+        relay: Proc | None = None
+        writer_mode = f"{mode}-sql" if cfg.latency_writer == "sql" else mode
+        writers = spawn_writers(
+            ctx, url, writer_mode, target_rate=target, seconds=cfg.latency_seconds, topic=topic
+        )
+        try:
+            await asyncio.wait_for(receiver.ready.wait(), 30)
+            if mode == "outbox":
+                relay = await start_relay(ctx, url, broker, f"lat-{uuid.uuid4().hex[:6]}")
+            else:
+                relay = await start_faststream(ctx, url, broker, topic)
+            outputs = await collect_writers(writers, cfg.latency_seconds + 60)
+            commits: dict[str, list[float]] = {}
+            for o in outputs:
+                commits.update(o["commits"])
+
+            async def all_received() -> bool:
+                return commits.keys() <= receiver.receipts.keys()
+
+            with contextlib.suppress(TimeoutError):
+                await poll(all_received, 0.05, 15)
+        finally:
+            receiver.stop()
+            await asyncio.gather(consumer, return_exceptions=True)
+            if relay is not None:
+                await relay.stop()
+            for proc, _ in writers:
+                await proc.stop()
+            await ctx.ops.cleanup(broker, topic)
+    got = {k: receiver.receipts[k] for k in commits if k in receiver.receipts}
+    lat = [got[k] - commits[k][1] for k in got]  # from COMMIT returned (the definition)
+    from_sent = _latency_summary([got[k] - commits[k][0] for k in got])  # an upper bound
+    started = min(o["started"] for o in outputs)
+    ended = max(o["ended"] for o in outputs)
+    ordered = sorted(v * 1000 for v in lat)
+    return {
+        "writer": writer_mode,
+        "achieved_rate": rate(len(commits), ended - started),
+        "writer_processes": len(outputs),
+        "committed": len(commits),
+        "received": len(lat),
+        "missing": len(commits) - len(lat),
+        "before_commit_returned": sum(1 for v in lat if v < 0),
+        "writer_errors": sum(o["errors"] for o in outputs),
+        "order_violations": receiver.order.violations,
+        **_latency_summary(lat),
+        "from_commit_sent": from_sent,
+        "cdf_ms": cdf_points(ordered),
+    }

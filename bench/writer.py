@@ -1,0 +1,263 @@
+"""The application side: business transactions through the SQLAlchemy ORM, in its own process.
+
+Each transaction inserts one `orders` row and, by mode, nothing else (`plain`), one
+`OutboxEvent` (`outbox`; `outbox-nonotify` with the table's NOTIFY trigger disabled for the run)
+or one faststream-outbox row (`faststream`, via `broker.publish`). The `-sql` modes write the
+same rows with plain asyncpg: a load generator light enough for 1,000+ tx/s on a small machine.
+`--mode a,b,...` runs the modes one after another in this process.
+With `--rate`, transactions start on a fixed schedule (open loop, up to `--concurrency` at once);
+with `--rate 0`, each of the `--concurrency` tasks commits back to back (closed loop).
+The times each COMMIT was sent and returned (`time.monotonic()`, system-wide on Linux) are
+written per payload id, so a consumer in another process can compute commit -> broker latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from sqlalchemy import BigInteger, Numeric, Text, text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from bench.seed import key_of, new_bench_id, payload_dict
+from outbox import OutboxEvent, uuid7
+from outbox.urls import asyncpg_dsn, sqlalchemy_async_url
+from outbox.validation import bucket_for
+
+MODES = (
+    "plain",
+    "outbox",
+    "outbox-nonotify",
+    "faststream",
+    "plain-sql",
+    "outbox-sql",
+    "faststream-sql",
+)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Order(Base):
+    __tablename__ = "orders"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    customer: Mapped[str] = mapped_column(Text)
+    total: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+
+
+@dataclass
+class Tally:
+    commits: dict[str, tuple[float, float]] = field(default_factory=dict)
+    durations: list[float] = field(default_factory=list)
+    errors: int = 0
+
+
+Extra = Callable[[AsyncSession, int, dict[str, Any]], Awaitable[None]]
+
+
+def orm_extra(mode: str, topic: str, keys: int) -> Extra:
+    async def plain(session: AsyncSession, n: int, event: dict[str, Any]) -> None:
+        return None
+
+    async def outbox(session: AsyncSession, n: int, event: dict[str, Any]) -> None:
+        session.add(OutboxEvent(topic=topic, key=key_of(n, keys), payload=event))
+
+    if mode == "plain":
+        return plain
+    if mode.startswith("outbox"):
+        return outbox
+    from faststream_outbox import OutboxBroker
+
+    from bench.faststream_runner import QUEUE, make_table
+
+    broker = OutboxBroker(None, outbox_table=make_table(), logger=None)
+
+    async def faststream(session: AsyncSession, n: int, event: dict[str, Any]) -> None:
+        await broker.publish(event, queue=QUEUE, session=session)
+
+    return faststream
+
+
+ORDER_SQL = "INSERT INTO orders (customer, total) VALUES ($1, $2)"
+OUTBOX_SQL = (
+    "INSERT INTO outbox_events (id, topic, key, bucket, payload) VALUES ($1, $2, $3, $4, $5)"
+)
+# What faststream-outbox's publish sends: one INSERT whose RETURNING also notifies.
+FASTSTREAM_SQL = (
+    "INSERT INTO fs_outbox (queue, payload, headers) VALUES ($1, $2, $3) "
+    "RETURNING id, pg_notify('outbox_fs_outbox', $4::text)"
+)
+SqlExtra = Callable[[asyncpg.Connection, int, dict[str, Any]], Awaitable[None]]
+
+
+def sql_extra(mode: str, topic: str, keys: int) -> SqlExtra:
+    """The same rows as the ORM modes, written with plain asyncpg (a cheap load generator)."""
+
+    async def plain(conn: asyncpg.Connection, n: int, event: dict[str, Any]) -> None:
+        return None
+
+    async def outbox(conn: asyncpg.Connection, n: int, event: dict[str, Any]) -> None:
+        event_id, key = uuid7(), key_of(n, keys)
+        bucket = bucket_for(key, str(event_id))
+        await conn.execute(OUTBOX_SQL, event_id, topic, key, bucket, json.dumps(event))
+
+    async def faststream(conn: asyncpg.Connection, n: int, event: dict[str, Any]) -> None:
+        headers = {"content-type": "application/json", "correlation_id": new_bench_id()}
+        body = json.dumps(event).encode()
+        await conn.execute(FASTSTREAM_SQL, "bench", body, json.dumps(headers), "bench")
+
+    return {"plain-sql": plain, "outbox-sql": outbox, "faststream-sql": faststream}[mode]
+
+
+TRIGGER = "ALTER TABLE outbox_events {} TRIGGER outbox_events_notify"
+
+
+async def write(args: argparse.Namespace) -> list[dict[str, Any]]:
+    engine = create_async_engine(
+        sqlalchemy_async_url(args.database_url), pool_size=args.concurrency, max_overflow=0
+    )
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+    pool = await asyncpg.create_pool(
+        asyncpg_dsn(args.database_url), min_size=args.concurrency, max_size=args.concurrency
+    )
+
+    async def warm() -> None:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    await asyncio.gather(*(warm() for _ in range(args.concurrency)))
+    if args.go:
+        await asyncio.to_thread(sys.stdin.readline)  # the harness says when to start
+    runs = []
+    for mode in args.mode.split(","):
+        if mode == "outbox-nonotify":
+            await pool.execute(TRIGGER.format("DISABLE"))
+        if mode.endswith("-sql"):
+            transaction = sql_transaction(pool, sql_extra(mode, args.topic, args.keys))
+        else:
+            transaction = orm_transaction(sessions, orm_extra(mode, args.topic, args.keys))
+        runs.append(await run_mode(args, mode, transaction))
+        if mode == "outbox-nonotify":
+            await pool.execute(TRIGGER.format("ENABLE"))
+    await pool.close()
+    await engine.dispose()
+    return runs
+
+
+#: One business transaction for event number n; returns (commit sent, commit returned).
+Transaction = Callable[[int, dict[str, Any]], Awaitable[tuple[float, float]]]
+
+
+def orm_transaction(sessions: async_sessionmaker[AsyncSession], extra: Extra) -> Transaction:
+    async def run(n: int, event: dict[str, Any]) -> tuple[float, float]:
+        async with sessions() as session:
+            session.add(Order(customer=f"customer-{n % 997}", total=Decimal("19.99")))
+            await extra(session, n, event)
+            await session.flush()
+            sent = time.monotonic()
+            await session.commit()
+            return sent, time.monotonic()
+
+    return run
+
+
+def sql_transaction(pool: asyncpg.Pool, extra: SqlExtra) -> Transaction:
+    async def run(n: int, event: dict[str, Any]) -> tuple[float, float]:
+        async with pool.acquire() as conn:
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                await conn.execute(ORDER_SQL, f"customer-{n % 997}", Decimal("19.99"))
+                await extra(conn, n, event)
+            except BaseException:
+                await tx.rollback()
+                raise
+            sent = time.monotonic()
+            await tx.commit()
+            return sent, time.monotonic()
+
+    return run
+
+
+async def run_mode(args: argparse.Namespace, mode: str, transaction: Transaction) -> dict[str, Any]:
+    tally = Tally()
+    counter = itertools.count(args.offset)
+    total = int(args.rate * args.duration)
+    cpu = time.process_time()
+    started = time.monotonic()
+    deadline = started + args.duration
+
+    async def one(n: int) -> None:
+        bench_id = new_bench_id()
+        event = payload_dict(n, bench_id)  # the application builds its event in every mode
+        begun = time.monotonic()
+        try:
+            sent, done = await transaction(n, event)
+        except Exception:  # noqa: BLE001 - a failed transaction is counted, not fatal
+            tally.errors += 1
+            return
+        tally.commits[bench_id] = (sent, done)
+        tally.durations.append(done - begun)
+
+    async def worker() -> None:
+        while True:
+            n = next(counter)
+            if args.rate > 0:
+                i = n - args.offset
+                if i >= total or time.monotonic() >= deadline:  # behind schedule: stop on time
+                    return
+                delay = started + i / args.rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            elif time.monotonic() >= deadline:
+                return
+            await one(n)
+
+    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    ended = time.monotonic()
+    return {
+        "mode": mode,
+        "started": started,
+        "ended": ended,
+        "cpu_seconds": time.process_time() - cpu,
+        "count": len(tally.durations),
+        "errors": tally.errors,
+        "commits": tally.commits,
+        "durations": tally.durations,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--database-url", required=True)
+    parser.add_argument("--mode", required=True, help=f"comma-separated of: {','.join(MODES)}")
+    parser.add_argument("--rate", type=float, default=0.0, help="transactions/s; 0: closed loop")
+    parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--topic", default="bench")
+    parser.add_argument("--keys", type=int, default=1000)
+    parser.add_argument("--offset", type=int, default=0, help="first event number")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--go", action="store_true", help="start on a line on stdin")
+    args = parser.parse_args()
+    if not set(args.mode.split(",")) <= set(MODES):
+        parser.error(f"--mode: choose from {', '.join(MODES)}")
+    result = asyncio.run(write(args))
+    args.out.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
