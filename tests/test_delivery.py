@@ -364,3 +364,30 @@ async def test_sigterm_exits_zero_and_releases_everything(
     )
     assert await pg.fetchval("SELECT count(*) FROM outbox_relays") == 0
     assert await pg.fetchval("SELECT count(*) FROM outbox_events") == 0
+
+
+@pytest.mark.redis
+async def test_redis_pubsub_is_opt_in_and_delivers_to_live_subscribers(
+    database_url: str, redis_url: str, topic: str, pg: asyncpg.Connection
+) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    pubsub = client.pubsub()
+    await pubsub.subscribe(topic)
+    await pubsub.get_message(timeout=5)  # the subscribe confirmation
+    events = keyed_events(topic, keys=2, per_key=3)
+    await commit_events(database_url, events)
+    await pg_relay(database_url, RedisPublisher(redis_url, mode="pubsub")).drain()
+    received: list[dict[str, str]] = []
+    async with asyncio.timeout(30):
+        while len(received) < len(events):
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+            if message is not None:
+                received.append(json.loads(message["data"]))
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await client.aclose()
+    assert [m["id"] for m in received] == [str(e.id) for e in events]
+    assert received[0]["key"] == "key-0"
+    assert json.loads(received[0]["payload"]) == {"k": 0, "n": 0}
+    assert await pg.fetchval("SELECT count(*) FROM outbox_events") == 0
