@@ -10,8 +10,7 @@
 -- $3: seqs already in flight in this relay (claimed while the previous batch is published).
 -- "w.available_at > w.created_at" always holds for a waiting row (now() >= created_at); it lets
 -- the planner use the small partial index of waiting rows instead of one over every row.
-SELECT e.seq, e.id, e.topic, e.key, e.payload::text AS payload, e.headers::text AS headers,
-       e.event_type, e.created_at, e.attempts
+SELECT e.seq, e.id, e.topic, e.key, e.payload, e.headers, e.event_type, e.created_at, e.attempts
 FROM outbox_events AS e
 WHERE e.available_at <= now()
   AND e.bucket = ANY (ARRAY(SELECT l.bucket FROM outbox_bucket_leases AS l

@@ -16,6 +16,7 @@ from aiokafka.errors import (
     NodeNotReadyError,
     RequestTimedOutError,
 )
+from aiokafka.partitioner import murmur2
 
 from outbox.envelope import Envelope
 from relay.seams import BrokerUnavailableError, Failure, PublishResult
@@ -51,6 +52,36 @@ class _NotStarted:
     async def stop(self) -> None:
         return None
 
+    async def partitions_for(self, _: str) -> set[int]:
+        raise RuntimeError("KafkaPublisher.start() was not called")
+
+
+class _KeyPartitions:
+    """Kafka's default key → partition mapping (murmur2, as the Java client), memoised.
+
+    aiokafka hashes every message in pure Python (an eighth of the relay's CPU in profiles);
+    keys repeat, so each is hashed once per partition count. Counts are re-read every 30 s."""
+
+    REFRESH_SECONDS = 30.0
+    MAX_KEYS = 100_000
+
+    def __init__(self) -> None:
+        self._counts: dict[str, tuple[int, float]] = {}
+        self._by_key: dict[tuple[bytes, int], int] = {}
+
+    async def partition(self, producer: Any, topic: str, key: bytes) -> int:
+        now = asyncio.get_running_loop().time()
+        count, read_at = self._counts.get(topic, (0, 0.0))
+        if not count or now - read_at > self.REFRESH_SECONDS:
+            count = len(await producer.partitions_for(topic))
+            self._counts[topic] = (count, now)
+        found = self._by_key.get((key, count))
+        if found is None:
+            if len(self._by_key) >= self.MAX_KEYS:
+                self._by_key.clear()
+            found = self._by_key[(key, count)] = (murmur2(key) & 0x7FFFFFFF) % count
+        return found
+
 
 class KafkaPublisher:
     name = "kafka"
@@ -78,6 +109,7 @@ class KafkaPublisher:
         self._ack_timeout = request_timeout_ms / 1000 + 5
         self._producer: AIOKafkaProducer | _NotStarted = _NotStarted()
         self._broken = False
+        self._partitions = _KeyPartitions()
 
     async def start(self) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, **self._options)
@@ -110,12 +142,20 @@ class KafkaPublisher:
             if event.key is not None and event.key in blocked:
                 results[i] = HELD_BACK
                 continue
+            topic = self.topic_prefix + event.topic
+            key = event.key.encode() if event.key is not None else None
             try:
+                partition = (
+                    await self._partitions.partition(self._producer, topic, key)
+                    if key is not None
+                    else None
+                )
                 future = await self._producer.send(
-                    self.topic_prefix + event.topic,
+                    topic,
                     value=event.payload,
-                    key=event.key.encode() if event.key is not None else None,
+                    key=key,
                     headers=event.kafka_headers(),
+                    partition=partition,
                 )
             except BROKER_DOWN as exc:
                 self._broken = True

@@ -33,6 +33,17 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+async def _binary_jsonb(conn: asyncpg.Connection) -> None:
+    """jsonb columns arrive as the raw UTF-8 JSON bytes the brokers take: no decode, no copy."""
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        format="binary",
+        encoder=lambda value: b"\x01" + value,  # version byte 1, then the JSON text
+        decoder=lambda data: data[1:],
+    )
+
+
 def _count(status: str) -> int:
     """Rows changed, from a command tag such as 'DELETE 12' or 'INSERT 0 3'."""
     return int(status.rsplit(" ", 1)[-1])
@@ -72,6 +83,7 @@ class PostgresStore:
                 self._dsn,
                 min_size=1,
                 max_size=self._pool_size,
+                init=_binary_jsonb,
                 server_settings={
                     "application_name": f"outbox-relay {relay_id}"[:63],
                     # The claim is a ~1 ms index scan, but on a churning table its cost estimate
@@ -109,17 +121,18 @@ class PostgresStore:
             rows = await self.pool.fetch(QUERIES["claim_batch"], self._relay_id, limit, exclude)
         except CONNECTION_ERRORS as exc:
             raise StoreUnavailableError(str(exc)) from exc
+        # Positional, in the claim's column order: a sixth of the relay's CPU went here.
         return [
             Envelope(
-                seq=r["seq"],
-                id=r["id"],
-                topic=r["topic"],
-                key=r["key"],
-                payload=r["payload"].encode(),
-                headers=json.loads(r["headers"]) if r["headers"] != "{}" else {},
-                event_type=r["event_type"],
-                created_at=r["created_at"],
-                attempts=r["attempts"],
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                json.loads(r[5]) if r[5] != b"{}" else {},
+                r[6],
+                r[7],
+                r[8],
             )
             for r in rows
         ]
