@@ -99,7 +99,10 @@ class Relay:
 
         If the loop dies of an unexpected error, the relay stops and `run()` re-raises it, so
         a supervisor sees it instead of a relay that renews leases but publishes nothing."""
-        await self._start()
+        if not await self._start():  # asked to stop while store or broker was unreachable
+            log.info("relay_stopped", relay_id=self.relay_id, delivered=0, dead_lettered=0)
+            await self._mark_stopped()
+            return
         log.info(
             "relay_started",
             relay_id=self.relay_id,

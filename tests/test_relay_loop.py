@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 import pytest
+import structlog.testing
 
 from outbox.envelope import Envelope
 from relay.relay import Relay, RelayStats
@@ -159,9 +160,13 @@ async def test_stop_while_the_broker_is_down_at_startup_is_clean() -> None:
     store, publisher = MemoryStore(), RecordingPublisher()
     publisher.down = True
     relay = make_relay(store, publisher)
-    task = asyncio.create_task(relay.run())
-    await relay.wait_for(lambda s: s.broker_failures >= 1, timeout=5)
-    relay.request_stop()
-    await asyncio.wait_for(task, 5)  # returns, does not raise
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(relay.run())
+        await relay.wait_for(lambda s: s.broker_failures >= 1, timeout=5)
+        relay.request_stop()
+        await asyncio.wait_for(task, 5)  # returns, does not raise
+    events = [entry["event"] for entry in logs]
+    assert "relay_started" not in events
+    assert events[-1] == "relay_stopped"
     assert relay.stats.stopped
     assert store.stopped
