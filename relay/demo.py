@@ -2,7 +2,7 @@
 
 An "orders" handler writes its own rows (its own declarative base) and `OutboxEvent` rows in the
 same transactions through a SQLAlchemy `AsyncSession`; one transaction rolls back. Then the real
-`Relay` publishes them with `SqliteStore` and the JSON-lines publisher behind `DemoBroker`, a
+`Relay` publishes them with `SqliteStore` and the JSON-lines publisher behind a `FaultInjector`, a
 wrapper that plays a broker which times out once on one event (retried) and refuses another
 (dead-lettered). Only the database and the broker differ from production.
 """
@@ -29,8 +29,9 @@ from outbox.envelope import Envelope
 from relay.publishers.stdout import JsonLinesPublisher
 from relay.relay import Relay, RelayStats
 from relay.retry import RetryPolicy
-from relay.seams import Failure, Publisher, PublishResult
+from relay.seams import Failure
 from relay.stores.sqlite import SqliteStore, create_schema
+from relay.testing import Fault, FaultInjector
 
 TOPIC = "orders"
 POISON = "PoisonPill"
@@ -82,55 +83,20 @@ STEPS = (
 )
 
 
-class DemoBroker:
-    """A publisher wrapper that behaves like a moody broker in front of a real publisher.
+def moody_broker() -> Fault:
+    """A broker's moods, for the demo: it refuses `PoisonPill` events for good (non-retriable:
+    straight to the dead letters) and times out once on the `FLAKY` event (retriable)."""
+    timed_out: set[uuid.UUID] = set()
 
-    It refuses `PoisonPill` events for good (non-retriable: straight to the dead letters) and
-    times out once on the `FLAKY` event (retriable); as the Publisher contract requires, later
-    events of that key in the same batch are held back (counted=False). Everything else goes to
-    the wrapped publisher; `published` records what it acknowledged, in order.
-    """
+    def fault(event: Envelope) -> Failure | None:
+        if event.event_type == POISON:
+            return Failure("MessageRejected", "the broker refused the message", retriable=False)
+        if (event.key, event.event_type) == FLAKY and event.id not in timed_out:
+            timed_out.add(event.id)
+            return Failure("RequestTimedOut", "no acknowledgement in time")
+        return None
 
-    name = "demo"
-
-    def __init__(self, inner: Publisher) -> None:
-        self.inner = inner
-        self.published: list[Envelope] = []
-        self._timed_out: set[uuid.UUID] = set()
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def stop(self) -> None:
-        await self.inner.stop()
-
-    async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
-        results: list[PublishResult] = [None] * len(batch)
-        forward: list[int] = []
-        blocked: set[str] = set()
-        for i, event in enumerate(batch):
-            if event.key is not None and event.key in blocked:
-                results[i] = Failure(
-                    "HeldBack", "an earlier event of its key failed", counted=False
-                )
-            elif event.event_type == POISON:
-                results[i] = Failure(
-                    "MessageRejected", "the broker refused the message", retriable=False
-                )
-            elif (event.key, event.event_type) == FLAKY and event.id not in self._timed_out:
-                self._timed_out.add(event.id)
-                results[i] = Failure("RequestTimedOut", "no acknowledgement in time")
-                if event.key is not None:
-                    blocked.add(event.key)
-            else:
-                forward.append(i)
-        if forward:
-            acks = await self.inner.publish([batch[i] for i in forward])
-            for i, ack in zip(forward, acks, strict=True):
-                results[i] = ack
-                if ack is None:
-                    self.published.append(batch[i])
-        return results
+    return fault
 
 
 async def run_step(sessions: async_sessionmaker[AsyncSession], step: Step) -> None:
@@ -221,8 +187,8 @@ async def _demo(workdir: Path, jsonl: Path, say: Callable[[str], None]) -> None:
         )
 
         say("")
-        say("2. The relay (SqliteStore -> DemoBroker -> JSON lines), until everything is settled")
-        broker = DemoBroker(JsonLinesPublisher(jsonl))
+        say("2. The relay (SqliteStore -> moody broker -> JSON lines), until everything is settled")
+        broker = FaultInjector(JsonLinesPublisher(jsonl), moody_broker())
         relay = Relay(
             SqliteStore(url),
             broker,

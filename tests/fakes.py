@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from outbox.envelope import Envelope
-from relay.seams import BrokerUnavailableError, Dead, Failure, Publisher, PublishResult, Retry
+from relay.seams import BrokerUnavailableError, Dead, PublishResult, Retry
 
 
 class FakeClock:
@@ -115,51 +115,3 @@ class RecordingPublisher:
             raise BrokerUnavailableError("broker is down (test)")
         self.published.extend(batch)
         return [None] * len(batch)
-
-
-class FaultInjector:
-    """Wraps a real publisher; fails chosen events a number of times before passing them on.
-
-    Honours the publisher contract: once an event of a key fails, later events of that key in
-    the batch are held back (counted=False) and never reach the inner publisher.
-    """
-
-    name = "fault-injector"
-
-    def __init__(
-        self,
-        inner: Publisher,
-        *,
-        failures: dict[uuid.UUID, int] | None = None,
-        poison: set[uuid.UUID] | None = None,
-    ) -> None:
-        self.inner = inner
-        self.failures = failures if failures is not None else {}  # shared by relays on purpose
-        self.poison = set(poison or ())
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def stop(self) -> None:
-        await self.inner.stop()
-
-    async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
-        results: list[PublishResult] = [None] * len(batch)
-        blocked: set[str] = set()
-        passed: list[int] = []
-        for i, event in enumerate(batch):
-            if event.key is not None and event.key in blocked:
-                results[i] = Failure("HeldBack", "earlier event failed", counted=False)
-            elif event.id in self.poison:
-                results[i] = Failure("MessageRejected", "refused by the test", retriable=False)
-            elif self.failures.get(event.id, 0) > 0:
-                self.failures[event.id] -= 1
-                results[i] = Failure("InjectedError", "transient failure (test)")
-                if event.key is not None:
-                    blocked.add(event.key)
-            else:
-                passed.append(i)
-        inner = await self.inner.publish([batch[i] for i in passed]) if passed else []
-        for i, result in zip(passed, inner, strict=True):
-            results[i] = result
-        return results

@@ -16,7 +16,7 @@ from outbox import OutboxEvent
 from relay.publishers.kafka import KafkaPublisher
 from relay.publishers.redis import RedisPublisher
 from relay.retry import CircuitBreaker, RetryPolicy
-from tests.fakes import FaultInjector
+from relay.testing import FaultInjector
 from tests.helpers import (
     assert_per_key_order,
     commit_events,
@@ -91,7 +91,7 @@ async def test_retry_then_success_keeps_key_order(
     events = keyed_events(topic, keys=2, per_key=3)
     await commit_events(database_url, events)
     flaky = events[0]  # first event of key-0
-    publisher = FaultInjector(RedisPublisher(redis_url), failures={flaky.id: 2})
+    publisher = FaultInjector.scripted(RedisPublisher(redis_url), failures={flaky.id: 2})
     relay = pg_relay(database_url, publisher)
     task = asyncio.create_task(relay.run())
     await relay.wait_for(lambda s: s.delivered == 6, timeout=30)
@@ -112,7 +112,7 @@ async def test_max_attempts_then_dead_letter(
 ) -> None:
     doomed, after = keyed_events(topic, keys=1, per_key=2)
     await commit_events(database_url, [doomed, after])
-    publisher = FaultInjector(RedisPublisher(redis_url), failures={doomed.id: 99})
+    publisher = FaultInjector.scripted(RedisPublisher(redis_url), failures={doomed.id: 99})
     policy = RetryPolicy(base_seconds=0.02, max_seconds=0.05, max_attempts=3)
     relay = pg_relay(database_url, publisher, relay_id="dlq-test", retry_policy=policy)
     task = asyncio.create_task(relay.run())
@@ -156,7 +156,7 @@ async def test_dead_letter_replay_from_the_cli(
     poison = OutboxEvent(topic=topic, key="a", payload={"n": 1})
     await commit_events(database_url, [poison])
     await pg_relay(
-        database_url, FaultInjector(RedisPublisher(redis_url), poison={poison.id})
+        database_url, FaultInjector.scripted(RedisPublisher(redis_url), poison={poison.id})
     ).drain()
     assert await pg.fetchval("SELECT count(*) FROM outbox_dead_letters") == 1
     from tests.test_schema import outbox_cli
@@ -185,7 +185,9 @@ async def test_per_key_order_with_three_relays_and_injected_failures(
 ) -> None:
     events = keyed_events(topic, keys=20, per_key=30)
     failing = {e.id: 1 + i % 2 for i, e in enumerate(events[:40:3])}  # early events, 1-2 times
-    injectors = [FaultInjector(RedisPublisher(redis_url), failures=failing) for _ in range(3)]
+    injectors = [
+        FaultInjector.scripted(RedisPublisher(redis_url), failures=failing) for _ in range(3)
+    ]
     relays = [pg_relay(database_url, p, batch_size=25, lease_seconds=1.5) for p in injectors]
     tasks = [asyncio.create_task(r.run()) for r in relays]
     for relay in relays:  # the buckets are shared out before the events arrive

@@ -12,7 +12,8 @@ from outbox.envelope import Envelope
 from relay.relay import Relay, RelayStats
 from relay.retry import CircuitBreaker, RetryPolicy
 from relay.seams import PublishResult
-from tests.fakes import FaultInjector, MemoryStore, RecordingPublisher
+from relay.testing import FaultInjector
+from tests.fakes import MemoryStore, RecordingPublisher
 
 pytestmark = pytest.mark.unit
 
@@ -61,7 +62,7 @@ async def test_retry_holds_back_the_key_then_succeeds() -> None:
     first = store.add(key="a")
     second = store.add(key="a")
     other = store.add(key="b")
-    publisher = FaultInjector(recorder, failures={first.id: 2})
+    publisher = FaultInjector.scripted(recorder, failures={first.id: 2})
     relay = make_relay(store, publisher)
     task = asyncio.create_task(relay.run())
     await relay.wait_for(lambda s: s.retried == 1 and s.idle, timeout=5)
@@ -86,7 +87,7 @@ async def test_max_attempts_then_dead_letter_and_successor_flows() -> None:
     store, recorder = MemoryStore(), RecordingPublisher()
     doomed = store.add(key="a")
     after = store.add(key="a")
-    relay = make_relay(store, FaultInjector(recorder, failures={doomed.id: 99}))
+    relay = make_relay(store, FaultInjector.scripted(recorder, failures={doomed.id: 99}))
     task = asyncio.create_task(relay.run())
     for attempt in (1, 2):
 
@@ -109,7 +110,7 @@ async def test_non_retriable_goes_to_dead_letters_at_once() -> None:
     store, recorder = MemoryStore(), RecordingPublisher()
     poison = store.add(key="a")
     fine = store.add(key="a")
-    stats = await make_relay(store, FaultInjector(recorder, poison={poison.id})).drain()
+    stats = await make_relay(store, FaultInjector.scripted(recorder, poison={poison.id})).drain()
     assert stats.retried == 0
     assert [e.id for e, _ in store.dead] == [poison.id]
     assert store.dead[0][1].error_class == "MessageRejected"

@@ -20,7 +20,8 @@ from relay.retry import RetryPolicy
 from relay.seams import Dead, Retry, Store
 from relay.stores.postgres import PostgresStore
 from relay.stores.sqlite import SqliteStore, create_schema
-from tests.fakes import FaultInjector, RecordingPublisher
+from relay.testing import FaultInjector
+from tests.fakes import RecordingPublisher
 
 
 @dataclass
@@ -150,7 +151,7 @@ async def test_dead_letters_keep_the_event_and_the_error(backend: Backend) -> No
 async def test_the_relay_behaves_the_same_on_both(backend: Backend) -> None:
     added = await backend.add(*[event(f"k{i % 3}", i) for i in range(12)])
     recorder = RecordingPublisher()
-    publisher = FaultInjector(recorder, poison={added[4].id})
+    publisher = FaultInjector.scripted(recorder, poison={added[4].id})
     relay = Relay(
         backend.store,
         publisher,
