@@ -10,9 +10,7 @@ is off for both (FastStream logs two lines per message by default).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -22,7 +20,7 @@ import asyncpg
 from sqlalchemy import MetaData, Table, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from bench.infra import is_empty, poll
+from bench.infra import is_empty, poll, service_arguments
 from outbox.urls import asyncpg_dsn, sqlalchemy_async_url
 
 TABLE = "fs_outbox"
@@ -130,13 +128,9 @@ async def drain(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--database-url", default=os.environ.get("OUTBOX_DATABASE_URL"))
-    parser.add_argument("--broker", choices=["kafka", "redis"], default="redis")
+    parser = service_arguments(__doc__)
     parser.add_argument("--topic", required=True)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tuned")
-    parser.add_argument("--kafka-bootstrap", default=os.environ.get("OUTBOX_KAFKA_BOOTSTRAP"))
-    parser.add_argument("--redis-url", default=os.environ.get("OUTBOX_REDIS_URL"))
     args = parser.parse_args()
 
     async def _main() -> None:

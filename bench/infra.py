@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime as dt
@@ -238,3 +239,13 @@ async def machine_facts(services: Services) -> dict[str, Any]:
         "redis": redis_version,
         "git": git_state(),
     }
+
+
+def service_arguments(description: str | None) -> argparse.ArgumentParser:
+    """The flags every bench child process takes: where the database and brokers are."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--database-url", default=os.environ.get("OUTBOX_DATABASE_URL"))
+    parser.add_argument("--broker", choices=["kafka", "redis"], default="redis")
+    parser.add_argument("--kafka-bootstrap", default=os.environ.get("OUTBOX_KAFKA_BOOTSTRAP"))
+    parser.add_argument("--redis-url", default=os.environ.get("OUTBOX_REDIS_URL"))
+    return parser

@@ -6,9 +6,7 @@ must do, to compare the real relay against. `python -m bench.naive_relay` runs i
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -17,6 +15,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
+from bench.infra import service_arguments
 from outbox.urls import asyncpg_dsn
 
 CLAIM = (
@@ -104,11 +103,7 @@ async def run(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--database-url", default=os.environ.get("OUTBOX_DATABASE_URL"))
-    parser.add_argument("--broker", choices=["kafka", "redis"], default="redis")
-    parser.add_argument("--kafka-bootstrap", default=os.environ.get("OUTBOX_KAFKA_BOOTSTRAP"))
-    parser.add_argument("--redis-url", default=os.environ.get("OUTBOX_REDIS_URL"))
+    parser = service_arguments(__doc__)
     args = parser.parse_args()
 
     async def _main() -> None:
