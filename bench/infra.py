@@ -206,12 +206,13 @@ def git_state() -> dict[str, Any]:
         try:
             return subprocess.run(
                 ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
-            ).stdout.strip()
+            ).stdout
         except (OSError, subprocess.CalledProcessError):
             return ""
 
-    changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted": changed}
+    # Porcelain lines are "XY path": the status may start with a space, so never strip them.
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines() if line]
+    return {"commit": git("rev-parse", "HEAD").strip(), "uncommitted": changed}
 
 
 async def machine_facts(services: Services) -> dict[str, Any]:
