@@ -97,14 +97,6 @@ DELETE FROM outbox_relays WHERE relay_id = $1;
 -- name: forget_dead_relays --
 DELETE FROM outbox_relays WHERE heartbeat_at < now() - interval '1 day';
 
--- name: pending_stats --
-SELECT count(*) AS pending, min(created_at) AS oldest_created_at,
-       count(*) FILTER (WHERE attempts > 0) AS retrying
-FROM outbox_events;
-
--- name: dead_letter_count --
-SELECT count(*) FROM outbox_dead_letters;
-
 -- name: take_dead_letters --
 -- Replay, step 1 (same transaction as step 2): remove the chosen dead letters.
 DELETE FROM outbox_dead_letters

@@ -41,7 +41,9 @@ class RelaySettings(BaseSettings):
     shutdown_timeout: float = Field(10.0, gt=0, description="seconds to finish in-flight work")
     relay_id: str = Field(default_factory=default_relay_id, description="unique per process")
     log_format: Literal["auto", "json", "console"] = Field("auto", description="log rendering")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="lowest log level written"
+    )
 
     @field_validator("database_url")
     @classmethod
