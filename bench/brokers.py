@@ -65,11 +65,7 @@ class BrokerOps:
     async def prepare(self, broker: Broker, topic: str) -> None:
         """A fresh topic (3 partitions, created up front) or an absent stream."""
         if broker == "redis":
-            client = self.redis()
-            try:
-                await client.delete(topic)
-            finally:
-                await client.aclose()
+            await self._delete_stream(topic)
             return
         admin = await self._kafka_admin()
         try:
@@ -79,6 +75,13 @@ class BrokerOps:
         finally:
             await admin.close()
         await self._wait_for_leaders(topic)
+
+    async def _delete_stream(self, stream: str) -> None:
+        client = self.redis()
+        try:
+            await client.delete(stream)
+        finally:
+            await client.aclose()
 
     async def _kafka_admin(self, patience: float = 120.0) -> AIOKafkaAdminClient:
         """An admin client; waits while the broker is down (others' tests restart it)."""
@@ -128,11 +131,7 @@ class BrokerOps:
     async def cleanup(self, broker: Broker, topic: str) -> None:
         with contextlib.suppress(Exception):
             if broker == "redis":
-                client = self.redis()
-                try:
-                    await client.delete(topic)
-                finally:
-                    await client.aclose()
+                await self._delete_stream(topic)
             else:
                 admin = AIOKafkaAdminClient(bootstrap_servers=self.services.kafka_bootstrap)
                 await admin.start()

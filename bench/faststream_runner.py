@@ -11,7 +11,6 @@ is off for both (FastStream logs two lines per message by default).
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +19,7 @@ import asyncpg
 from sqlalchemy import MetaData, Table, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from bench.infra import is_empty, poll, service_arguments
+from bench.infra import is_empty, poll, service_arguments, stop_on_signals
 from outbox.urls import asyncpg_dsn, sqlalchemy_async_url
 
 TABLE = "fs_outbox"
@@ -134,10 +133,7 @@ def main() -> None:
     args = parser.parse_args()
 
     async def _main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         relay = FaststreamRelay(
             args.database_url,
             args.broker,

@@ -10,6 +10,7 @@ import ipaddress
 import os
 import platform
 import re
+import signal
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -250,3 +251,12 @@ def service_arguments(description: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--kafka-bootstrap", default=os.environ.get("OUTBOX_KAFKA_BOOTSTRAP"))
     parser.add_argument("--redis-url", default=os.environ.get("OUTBOX_REDIS_URL"))
     return parser
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT: how bench child processes are told to finish."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

@@ -7,7 +7,6 @@ must do, to compare the real relay against. `python -m bench.naive_relay` runs i
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -15,7 +14,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
-from bench.infra import service_arguments
+from bench.infra import service_arguments, stop_on_signals
 from outbox.urls import asyncpg_dsn
 
 CLAIM = (
@@ -107,10 +106,7 @@ def main() -> None:
     args = parser.parse_args()
 
     async def _main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         await run(
             args.database_url,
             args.broker,
