@@ -26,14 +26,32 @@ from outbox.urls import asyncpg_dsn
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: The business table of the writer workloads (one row per business transaction).
-ORDERS_DDL = """
+#: The business tables of the writer workloads: `orders` alone is the one-row transaction;
+#: the checkout transaction also locks and updates `products` and inserts `order_lines`.
+PRODUCTS = 10_000
+BUSINESS_DDL = f"""
 CREATE TABLE orders (
     id bigserial PRIMARY KEY,
     customer text NOT NULL,
     total numeric(12, 2) NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
-)
+);
+CREATE TABLE products (
+    id bigint PRIMARY KEY,
+    sku text NOT NULL UNIQUE,
+    price numeric(12, 2) NOT NULL,
+    stock integer NOT NULL CHECK (stock >= 0)
+);
+CREATE TABLE order_lines (
+    id bigserial PRIMARY KEY,
+    order_id bigint NOT NULL REFERENCES orders (id),
+    product_id bigint NOT NULL REFERENCES products (id),
+    quantity integer NOT NULL,
+    price numeric(12, 2) NOT NULL
+);
+CREATE INDEX ON order_lines (order_id);
+INSERT INTO products (id, sku, price, stock)
+SELECT i, 'SKU-' || i, 5 + (i % 90), 1000000000 FROM generate_series(1, {PRODUCTS}) AS i;
 """
 
 
@@ -118,7 +136,7 @@ class Databases:
         await asyncio.to_thread(migrate.upgrade, url)
         conn = await asyncpg.connect(asyncpg_dsn(url))
         try:
-            await conn.execute(ORDERS_DDL)
+            await conn.execute(BUSINESS_DDL)
         finally:
             await conn.close()
         await faststream_runner.create_schema(url)

@@ -1,6 +1,9 @@
 """The application side: business transactions through the SQLAlchemy ORM, in its own process.
 
-Each transaction inserts one `orders` row and, by mode, nothing else (`plain`), one
+The business transaction (`--business`) is either `order`, one `orders` row (the least a
+transaction can do, so the outbox's share is the largest), or `checkout`: lock three `products`
+rows, lower their stock, insert the order and its three `order_lines`. To it, by mode, is added
+nothing (`plain`), one
 `OutboxEvent` (`outbox`; `outbox-nonotify` with the table's NOTIFY trigger disabled for the run)
 or one faststream-outbox row (`faststream`, via `broker.publish`). The `-sql` modes write the
 same rows with plain asyncpg: a load generator light enough for 1,000+ tx/s on a small machine.
@@ -26,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from sqlalchemy import BigInteger, Numeric, Text, text
+from sqlalchemy import BigInteger, ForeignKey, Integer, Numeric, Text, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from bench.infra import PRODUCTS
 from bench.seed import key_of, new_bench_id, payload_dict
 from outbox import OutboxEvent, uuid7
 from outbox.urls import asyncpg_dsn, sqlalchemy_async_url
@@ -56,6 +60,53 @@ class Order(Base):
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     customer: Mapped[str] = mapped_column(Text)
     total: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    lines: Mapped[list[OrderLine]] = relationship()
+
+
+class Product(Base):
+    __tablename__ = "products"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    sku: Mapped[str] = mapped_column(Text)
+    price: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    stock: Mapped[int] = mapped_column(Integer)
+
+
+class OrderLine(Base):
+    __tablename__ = "order_lines"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    order_id: Mapped[int] = mapped_column(ForeignKey("orders.id"))
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id"))
+    quantity: Mapped[int] = mapped_column(Integer)
+    price: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+
+
+#: The business part of a transaction for event number n, through the ORM.
+Business = Callable[[AsyncSession, int], Awaitable[None]]
+
+
+async def order_row(session: AsyncSession, n: int) -> None:
+    session.add(Order(customer=f"customer-{n % 997}", total=Decimal("19.99")))
+
+
+async def checkout(session: AsyncSession, n: int) -> None:
+    """Three products locked in id order (no deadlocks), stock lowered, order and lines added."""
+    ids = sorted({(n * 7919 + i * 3571) % PRODUCTS + 1 for i in range(3)})
+    products = await session.scalars(
+        select(Product).where(Product.id.in_(ids)).order_by(Product.id).with_for_update()
+    )
+    order = Order(customer=f"customer-{n % 997}", total=Decimal(0))
+    for quantity, product in enumerate(products, start=1):
+        if product.stock < quantity:
+            raise RuntimeError(f"{product.sku} is out of stock")
+        product.stock -= quantity
+        order.lines.append(OrderLine(product_id=product.id, quantity=quantity, price=product.price))
+        order.total += product.price * quantity
+    session.add(order)
+
+
+BUSINESS: dict[str, Business] = {"order": order_row, "checkout": checkout}
 
 
 @dataclass
@@ -148,7 +199,9 @@ async def write(args: argparse.Namespace) -> list[dict[str, Any]]:
         if mode.endswith("-sql"):
             transaction = sql_transaction(pool, sql_extra(mode, args.topic, args.keys))
         else:
-            transaction = orm_transaction(sessions, orm_extra(mode, args.topic, args.keys))
+            transaction = orm_transaction(
+                sessions, BUSINESS[args.business], orm_extra(mode, args.topic, args.keys)
+            )
         runs.append(await run_mode(args, mode, transaction))
         if mode == "outbox-nonotify":
             await pool.execute(TRIGGER.format("ENABLE"))
@@ -161,10 +214,12 @@ async def write(args: argparse.Namespace) -> list[dict[str, Any]]:
 Transaction = Callable[[int, dict[str, Any]], Awaitable[tuple[float, float]]]
 
 
-def orm_transaction(sessions: async_sessionmaker[AsyncSession], extra: Extra) -> Transaction:
+def orm_transaction(
+    sessions: async_sessionmaker[AsyncSession], business: Business, extra: Extra
+) -> Transaction:
     async def run(n: int, event: dict[str, Any]) -> tuple[float, float]:
         async with sessions() as session:
-            session.add(Order(customer=f"customer-{n % 997}", total=Decimal("19.99")))
+            await business(session, n)
             await extra(session, n, event)
             await session.flush()
             sent = time.monotonic()
@@ -244,6 +299,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--mode", required=True, help=f"comma-separated of: {','.join(MODES)}")
+    parser.add_argument(
+        "--business", choices=sorted(BUSINESS), default="order", help="ORM modes' transaction"
+    )
     parser.add_argument("--rate", type=float, default=0.0, help="transactions/s; 0: closed loop")
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -255,6 +313,8 @@ def main() -> None:
     args = parser.parse_args()
     if not set(args.mode.split(",")) <= set(MODES):
         parser.error(f"--mode: choose from {', '.join(MODES)}")
+    if args.business != "order" and any(m.endswith("-sql") for m in args.mode.split(",")):
+        parser.error("--business: the -sql modes write the order row only")
     result = asyncio.run(write(args))
     args.out.write_text(json.dumps(result))
 

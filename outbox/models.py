@@ -104,6 +104,9 @@ class OutboxEvent(OutboxBase):
         # SQLite: never reuse a seq after the table empties (consumers may order by it).
         {"sqlite_autoincrement": True},
     )
+    # The INSERT returns only `seq`; `created_at`, `available_at` and `attempts` load on first
+    # access. Fetching them too cost ~0.1 ms of writer CPU per event (bench: writer overhead).
+    __mapper_args__ = {"eager_defaults": False}
 
     #: Per-table monotonic sequence: the delivery order of events that share a key.
     seq: Mapped[int] = mapped_column(SeqColumn, Identity(), primary_key=True)
