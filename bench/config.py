@@ -38,6 +38,7 @@ class BenchConfig:
     latency_writer: str = "sql"
     overhead_seconds: float = 5.0
     overhead_rounds: int = 2
+    overhead_warmup_seconds: float = 1.0
     overhead_concurrency: int = 8
     cost_events: int = 100_000
     scale_relays: tuple[int, ...] = (1, 2, 4)
@@ -69,6 +70,7 @@ def quick(out: Path) -> BenchConfig:
         latency_jit_off_rate=0,
         overhead_seconds=1.0,
         overhead_rounds=1,
+        overhead_warmup_seconds=0.3,
         cost_events=2_000,
         scale_relays=(1, 2),
         naive_scale=(2,),

@@ -290,6 +290,8 @@ def spawn_writers(
     seconds: float,
     topic: str,
     concurrency: int | None = None,
+    business: str = "order",
+    warmup: float = 0.0,
 ) -> list[tuple[Proc, Path]]:
     """Writer processes (one per `writer_process_rate` tx/s, at most `max_writer_processes`),
     each waiting for `go()`."""
@@ -310,6 +312,7 @@ def spawn_writers(
             *("--database-url", url, "--mode", modes, "--rate", str(per_proc)),
             *("--duration", str(seconds), "--concurrency", str(width), "--topic", topic),
             *("--keys", str(ctx.config.keys), "--offset", str(i * 10_000_000)),
+            *("--business", business, "--warmup", str(warmup)),
             *("--out", str(out), "--go"),
         )
         running.append((Proc(argv, out.with_suffix(".log"), stdin=True), out))
@@ -348,26 +351,42 @@ async def overhead(ctx: Context) -> list[Result]:
     return [result]
 
 
-OVERHEAD_MODES = ("plain", "outbox", "outbox-nonotify", "plain-sql", "outbox-sql")
+#: Per business transaction (see bench/writer.py), the modes run alternately in one writer.
+OVERHEAD_MODES = {
+    "order": ("plain", "outbox", "enqueue", "outbox-nonotify", "plain-sql", "outbox-sql"),
+    "checkout": ("plain", "outbox", "enqueue", "outbox-nonotify"),
+}
 
 
 async def _overhead(ctx: Context) -> Result:
     cfg = ctx.config
-    async with ctx.dbs.fresh() as url:
-        writers = spawn_writers(
-            ctx,
-            url,
-            ",".join(OVERHEAD_MODES * cfg.overhead_rounds),
-            target_rate=0,
-            seconds=cfg.overhead_seconds,
-            topic="bench-overhead",
-            concurrency=cfg.overhead_concurrency,
-        )
-        timeout = 60 + cfg.overhead_seconds * len(OVERHEAD_MODES) * cfg.overhead_rounds
-        done = await collect_writers(writers, timeout)
-    runs = {mode: [r for r in done if r["mode"] == mode] for mode in OVERHEAD_MODES}
     summary: Result = {"concurrency": cfg.overhead_concurrency, "seconds": cfg.overhead_seconds}
-    for mode, outputs in runs.items():
+    for business, modes in OVERHEAD_MODES.items():
+        async with ctx.dbs.fresh() as url:
+            writers = spawn_writers(
+                ctx,
+                url,
+                ",".join(modes * cfg.overhead_rounds),
+                target_rate=0,
+                seconds=cfg.overhead_seconds,
+                topic="bench-overhead",
+                concurrency=cfg.overhead_concurrency,
+                business=business,
+                warmup=cfg.overhead_warmup_seconds,
+            )
+            timeout = 60 + (
+                cfg.overhead_seconds * cfg.overhead_rounds + cfg.overhead_warmup_seconds
+            ) * len(modes)
+            done = await collect_writers(writers, timeout)
+        summary[business] = _overhead_summary(done, modes)
+    return summary
+
+
+def _overhead_summary(done: list[Result], modes: tuple[str, ...]) -> Result:
+    """Each mode's figures, and each variant's added latency and throughput loss vs `plain`."""
+    summary: Result = {}
+    for mode in modes:
+        outputs = [r for r in done if r["mode"] == mode]
         durations = [d for o in outputs for d in o["durations"]]
         elapsed = sum(o["ended"] - o["started"] for o in outputs)
         cpu = sum(o["cpu_seconds"] for o in outputs)
@@ -379,24 +398,17 @@ async def _overhead(ctx: Context) -> Result:
             "errors": sum(o["errors"] for o in outputs),
             **_latency_summary(durations),
         }
-    plain, outbox = summary["plain"], summary["outbox"]
-    summary["added_latency_pct"] = round((outbox["mean_ms"] / plain["mean_ms"] - 1) * 100, 1)
-    summary["added_p50_ms"] = round(outbox["p50_ms"] - plain["p50_ms"], 3)
-    summary["throughput_loss_pct"] = round((1 - outbox["tx_per_s"] / plain["tx_per_s"]) * 100, 1)
-    sql_plain, sql_outbox = summary["plain-sql"], summary["outbox-sql"]
-    summary["sql_added_latency_pct"] = round(
-        (sql_outbox["mean_ms"] / sql_plain["mean_ms"] - 1) * 100, 1
-    )
-    summary["sql_throughput_loss_pct"] = round(
-        (1 - sql_outbox["tx_per_s"] / sql_plain["tx_per_s"]) * 100, 1
-    )
-    quiet = summary["outbox-nonotify"]
-    summary["nonotify_added_latency_pct"] = round(
-        (quiet["mean_ms"] / plain["mean_ms"] - 1) * 100, 1
-    )
-    summary["nonotify_throughput_loss_pct"] = round(
-        (1 - quiet["tx_per_s"] / plain["tx_per_s"]) * 100, 1
-    )
+    for mode in modes:
+        base = summary["plain-sql" if mode.endswith("-sql") else "plain"]
+        if mode in ("plain", "plain-sql"):
+            continue
+        ran = summary[mode]
+        ran["added_latency_pct"] = round((ran["mean_ms"] / base["mean_ms"] - 1) * 100, 1)
+        ran["added_p50_ms"] = round(ran["p50_ms"] - base["p50_ms"], 3)
+        ran["throughput_loss_pct"] = round((1 - ran["tx_per_s"] / base["tx_per_s"]) * 100, 1)
+        ran["added_cpu_ms_per_tx"] = round(
+            ran["writer_cpu_ms_per_tx"] - base["writer_cpu_ms_per_tx"], 3
+        )
     return summary
 
 

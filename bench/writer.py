@@ -3,10 +3,10 @@
 The business transaction (`--business`) is either `order`, one `orders` row (the least a
 transaction can do, so the outbox's share is the largest), or `checkout`: lock three `products`
 rows, lower their stock, insert the order and its three `order_lines`. To it, by mode, is added
-nothing (`plain`), one
-`OutboxEvent` (`outbox`; `outbox-nonotify` with the table's NOTIFY trigger disabled for the run)
-or one faststream-outbox row (`faststream`, via `broker.publish`). The `-sql` modes write the
-same rows with plain asyncpg: a load generator light enough for 1,000+ tx/s on a small machine.
+nothing (`plain`), one `OutboxEvent` (`outbox`; `outbox-nonotify` with `outbox.notify = off` on
+the writer's connections), one `await enqueue(session, ...)` (`enqueue`), or one
+faststream-outbox row (`faststream`, via `broker.publish`). The `-sql` modes write the same rows
+with plain asyncpg: a load generator light enough for 1,000+ tx/s on a small machine.
 `--mode a,b,...` runs the modes one after another in this process.
 With `--rate`, transactions start on a fixed schedule (open loop, up to `--concurrency` at once);
 with `--rate 0`, each of the `--concurrency` tasks commits back to back (closed loop).
@@ -30,12 +30,17 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import BigInteger, ForeignKey, Integer, Numeric, Text, select, text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from bench.infra import PRODUCTS
 from bench.seed import key_of, new_bench_id, payload_dict
-from outbox import OutboxEvent, uuid7
+from outbox import OutboxEvent, enqueue, uuid7
 from outbox.urls import asyncpg_dsn, sqlalchemy_async_url
 from outbox.validation import bucket_for
 
@@ -43,6 +48,7 @@ MODES = (
     "plain",
     "outbox",
     "outbox-nonotify",
+    "enqueue",
     "faststream",
     "plain-sql",
     "outbox-sql",
@@ -126,10 +132,15 @@ def orm_extra(mode: str, topic: str, keys: int) -> Extra:
     async def outbox(session: AsyncSession, n: int, event: dict[str, Any]) -> None:
         session.add(OutboxEvent(topic=topic, key=key_of(n, keys), payload=event))
 
+    async def enqueue_event(session: AsyncSession, n: int, event: dict[str, Any]) -> None:
+        await enqueue(session, topic=topic, key=key_of(n, keys), payload=event)
+
     if mode == "plain":
         return plain
     if mode.startswith("outbox"):
         return outbox
+    if mode == "enqueue":
+        return enqueue_event
     from faststream_outbox import OutboxBroker
 
     from bench.faststream_runner import QUEUE, make_table
@@ -173,40 +184,47 @@ def sql_extra(mode: str, topic: str, keys: int) -> SqlExtra:
     return {"plain-sql": plain, "outbox-sql": outbox, "faststream-sql": faststream}[mode]
 
 
-TRIGGER = "ALTER TABLE outbox_events {} TRIGGER outbox_events_notify"
+#: `outbox-nonotify` writes through connections with the trigger's notification turned off.
+QUIET = {"server_settings": {"outbox.notify": "off"}}
 
 
 async def write(args: argparse.Namespace) -> list[dict[str, Any]]:
-    engine = create_async_engine(
-        sqlalchemy_async_url(args.database_url), pool_size=args.concurrency, max_overflow=0
-    )
-    sessions = async_sessionmaker(engine, expire_on_commit=False)
+    url = sqlalchemy_async_url(args.database_url)
+    engines = {
+        notify: create_async_engine(
+            url,
+            pool_size=args.concurrency,
+            max_overflow=0,
+            connect_args={} if notify else QUIET,
+        )
+        for notify in (True, False)
+    }
     pool = await asyncpg.create_pool(
         asyncpg_dsn(args.database_url), min_size=args.concurrency, max_size=args.concurrency
     )
 
-    async def warm() -> None:
+    def transaction_for(mode: str) -> Transaction:
+        if mode.endswith("-sql"):
+            return sql_transaction(pool, sql_extra(mode, args.topic, args.keys))
+        sessions = async_sessionmaker(engines[mode != "outbox-nonotify"], expire_on_commit=False)
+        return orm_transaction(
+            sessions, BUSINESS[args.business], orm_extra(mode, args.topic, args.keys)
+        )
+
+    async def warm(engine: AsyncEngine) -> None:
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
-    await asyncio.gather(*(warm() for _ in range(args.concurrency)))
+    await asyncio.gather(*(warm(e) for e in engines.values() for _ in range(args.concurrency)))
+    modes = args.mode.split(",")
+    for mode in dict.fromkeys(modes) if args.warmup > 0 else ():
+        await run_mode(args, mode, transaction_for(mode), args.warmup)  # results dropped
     if args.go:
         await asyncio.to_thread(sys.stdin.readline)  # the harness says when to start
-    runs = []
-    for mode in args.mode.split(","):
-        if mode == "outbox-nonotify":
-            await pool.execute(TRIGGER.format("DISABLE"))
-        if mode.endswith("-sql"):
-            transaction = sql_transaction(pool, sql_extra(mode, args.topic, args.keys))
-        else:
-            transaction = orm_transaction(
-                sessions, BUSINESS[args.business], orm_extra(mode, args.topic, args.keys)
-            )
-        runs.append(await run_mode(args, mode, transaction))
-        if mode == "outbox-nonotify":
-            await pool.execute(TRIGGER.format("ENABLE"))
+    runs = [await run_mode(args, mode, transaction_for(mode), args.duration) for mode in modes]
     await pool.close()
-    await engine.dispose()
+    for engine in engines.values():
+        await engine.dispose()
     return runs
 
 
@@ -247,13 +265,15 @@ def sql_transaction(pool: asyncpg.Pool, extra: SqlExtra) -> Transaction:
     return run
 
 
-async def run_mode(args: argparse.Namespace, mode: str, transaction: Transaction) -> dict[str, Any]:
+async def run_mode(
+    args: argparse.Namespace, mode: str, transaction: Transaction, duration: float
+) -> dict[str, Any]:
     tally = Tally()
     counter = itertools.count(args.offset)
-    total = int(args.rate * args.duration)
+    total = int(args.rate * duration)
     cpu = time.process_time()
     started = time.monotonic()
-    deadline = started + args.duration
+    deadline = started + duration
 
     async def one(n: int) -> None:
         bench_id = new_bench_id()
@@ -305,6 +325,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.0, help="transactions/s; 0: closed loop")
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--warmup", type=float, default=0.0, help="seconds of each mode, unmeasured, first"
+    )
     parser.add_argument("--topic", default="bench")
     parser.add_argument("--keys", type=int, default=1000)
     parser.add_argument("--offset", type=int, default=0, help="first event number")

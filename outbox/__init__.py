@@ -1,6 +1,7 @@
-"""Transactional outbox: add `OutboxEvent` rows in your business transaction;
-a relay publishes them."""
+"""Transactional outbox: add `OutboxEvent` rows (or `await enqueue(session, ...)`) in your
+business transaction; a relay publishes them."""
 
+from outbox.enqueue import enqueue
 from outbox.envelope import Envelope
 from outbox.errors import OutboxError, OutboxValidationError
 from outbox.ids import uuid7
@@ -19,6 +20,7 @@ __all__ = [
     "OutboxEvent",
     "OutboxValidationError",
     "RelayInstance",
+    "enqueue",
     "metadata",
     "uuid7",
 ]

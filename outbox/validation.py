@@ -7,6 +7,7 @@ import os
 import re
 import zlib
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
@@ -121,8 +122,8 @@ def check_headers(headers: object) -> dict[str, str]:
     return checked
 
 
-def check_payload(payload: object) -> tuple[Any, int]:
-    """Return the JSON-ready payload and its encoded size in bytes."""
+def check_payload(payload: object) -> tuple[Any, str]:
+    """Return the JSON-ready payload and its JSON text."""
     if isinstance(payload, BaseModel):
         payload = payload.model_dump(mode="json")
     if not isinstance(payload, dict | list):
@@ -150,7 +151,13 @@ def check_payload(payload: object) -> tuple[Any, int]:
         raise OutboxValidationError(
             "payload", f"is {size} bytes as JSON, the limit is {limit} (OUTBOX_MAX_PAYLOAD_BYTES)"
         )
-    return payload, size
+    return payload, encoded
+
+
+def check_available_at(value: object) -> datetime:
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise OutboxValidationError("available_at", "must be a timezone-aware datetime")
+    return value
 
 
 def bucket_for(key: str | None, fallback: str) -> int:

@@ -37,6 +37,7 @@ def test_wheel_ships_migrations_queries_and_types(tmp_path: Path) -> None:
         "outbox/migrations/env.py",
         "outbox/migrations/script.py.mako",
         "outbox/migrations/versions/0001_initial.py",
+        "outbox/migrations/versions/0002_notify_setting.py",
         "relay/queries.sql",
         "outbox/py.typed",
         "relay/py.typed",

@@ -112,6 +112,30 @@ async def test_one_notify_per_transaction(database_url: str, pg: asyncpg.Connect
     await listener.close()
 
 
+async def test_notify_setting_off_silences_the_trigger(
+    database_url: str, pg: asyncpg.Connection
+) -> None:
+    received: asyncio.Queue[str] = asyncio.Queue()
+    listener = await asyncpg.connect(asyncpg_dsn(database_url))
+    await listener.add_listener("outbox_events", lambda *a: received.put_nowait(a[3]))
+    insert = "INSERT INTO outbox_events (id, topic, payload) VALUES (gen_random_uuid(), 't', '{}')"
+    async with pg.transaction():
+        await pg.execute("SET LOCAL outbox.notify = off")  # one transaction
+        await pg.execute(insert)
+    await pg.execute("SET outbox.notify = 'FALSE'")  # the session, any spelling of false
+    async with pg.transaction():
+        await pg.execute(insert)
+    # Notifications arrive in commit order: the marker first means the inserts sent none.
+    await pg.execute("SELECT pg_notify('outbox_events', 'marker')")
+    assert await asyncio.wait_for(received.get(), 5) == "marker"
+    await pg.execute("SET outbox.notify = on")
+    async with pg.transaction():
+        await pg.execute(insert)
+    assert await asyncio.wait_for(received.get(), 5) == ""
+    assert await pg.fetchval("SELECT count(*) FROM outbox_events") == 3
+    await listener.close()
+
+
 @pytest.mark.parametrize(
     ("column", "value"),
     [("attempts", "-1"), ("topic", "''"), ("bucket", "64"), ("headers", "'[]'::jsonb")],

@@ -10,10 +10,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-from outbox import DeadLetter, OutboxEvent
+from outbox import DeadLetter, OutboxEvent, OutboxValidationError, enqueue
+from outbox.envelope import Envelope
 from outbox.urls import sqlalchemy_async_url
 from relay.relay import Relay
 from relay.retry import RetryPolicy
@@ -69,6 +71,10 @@ async def postgres_backend(database_url: str) -> AsyncIterator[Backend]:
 def backend(request: pytest.FixtureRequest) -> Backend:
     found: Backend = request.getfixturevalue(f"{request.param}_backend")
     return found
+
+
+class Payload(BaseModel):
+    n: int
 
 
 def event(key: str | None, n: int, **kw: object) -> OutboxEvent:
@@ -165,3 +171,83 @@ async def test_the_relay_behaves_the_same_on_both(backend: Backend) -> None:
     assert stats.dead_lettered == 1
     assert [e.id for e in recorder.published] == [e.id for e in added if e.id != added[4].id]
     assert [d.event_id for d in await backend.dead_letters()] == [added[4].id]
+
+
+# -- enqueue: the ORM-free writer ------------------------------------------------------------
+
+
+def _envelope_fields(e: Envelope) -> tuple[object, ...]:
+    return (e.topic, e.key, json.loads(e.payload), e.headers, e.event_type, e.attempts)
+
+
+async def test_enqueue_writes_what_session_add_writes(backend: Backend) -> None:
+    engine = create_async_engine(sqlalchemy_async_url(backend.url))
+    h, t = {"h": "v"}, "T"
+    async with AsyncSession(engine, expire_on_commit=False) as session, session.begin():
+        # The transaction's first statement, then one after other statements (asyncpg's path).
+        first = await enqueue(
+            session, topic="orders", key="a", payload={"n": 1}, headers=h, event_type=t
+        )
+        session.add(OutboxEvent(topic="orders", key="a", payload={"n": 2}, headers=h, event_type=t))
+        await session.flush()
+        third = await enqueue(
+            session, topic="orders", key="a", payload=Payload(n=3), headers=h, event_type=t
+        )
+        keyless = await enqueue(session, topic="orders", payload=[4])
+    await engine.dispose()
+    claimed = await backend.store.claim(10)
+    assert [e.id for e in claimed][::2] == [first, third]
+    assert claimed[3].id == keyless
+    assert [_envelope_fields(e) for e in claimed[:3]] == [
+        ("orders", "a", {"n": n}, {"h": "v"}, "T", 0) for n in (1, 2, 3)
+    ]
+    assert _envelope_fields(claimed[3]) == ("orders", None, [4], {}, None, 0)
+
+
+async def test_enqueue_rolls_back_with_the_transaction(backend: Backend) -> None:
+    engine = create_async_engine(sqlalchemy_async_url(backend.url))
+    for statements_before in (0, 1):
+        async with AsyncSession(engine) as session, session.begin():
+            if statements_before:
+                await session.execute(select(1))
+            await enqueue(session, topic="orders", key="a", payload={"n": 1})
+            await session.rollback()
+    await engine.dispose()
+    assert await backend.store.claim(10) == []
+
+
+async def test_enqueue_checks_fields_and_writes_nothing_on_error(backend: Backend) -> None:
+    engine = create_async_engine(sqlalchemy_async_url(backend.url))
+    later = datetime.now(UTC) + timedelta(hours=1)
+    async with AsyncSession(engine) as session, session.begin():
+        await session.execute(select(1))
+        with pytest.raises(OutboxValidationError) as bad_topic:
+            await enqueue(session, topic="no spaces", payload={})
+        with pytest.raises(OutboxValidationError) as bad_payload:
+            await enqueue(session, topic="orders", payload={"x": float("nan")})
+        with pytest.raises(OutboxValidationError) as naive_time:
+            await enqueue(session, topic="orders", payload={}, available_at=datetime.now())
+        delayed = await enqueue(session, topic="orders", key="d", payload={}, available_at=later)
+        await enqueue(session, topic="orders", key="e", payload={})  # the transaction goes on
+    await engine.dispose()
+    assert (bad_topic.value.field, bad_payload.value.field, naive_time.value.field) == (
+        "topic",
+        "payload",
+        "available_at",
+    )
+    claimed = await backend.store.claim(10)
+    assert [e.key for e in claimed] == ["e"]  # the delayed one waits for its time
+    assert delayed not in {e.id for e in claimed}
+
+
+async def test_enqueue_flushes_pending_orm_rows_first(backend: Backend) -> None:
+    engine = create_async_engine(sqlalchemy_async_url(backend.url))
+    async with AsyncSession(engine) as session, session.begin():
+        session.add(OutboxEvent(topic="orders", key="a", payload={"n": 1}))
+        await enqueue(session, topic="orders", key="a", payload={"n": 2})
+        await session.execute(select(1))  # in the transaction now: asyncpg's own path
+        session.add(OutboxEvent(topic="orders", key="a", payload={"n": 3}))
+        await enqueue(session, topic="orders", key="a", payload={"n": 4})
+    await engine.dispose()
+    claimed = await backend.store.claim(10)
+    assert [json.loads(e.payload)["n"] for e in claimed] == [1, 2, 3, 4]

@@ -1,0 +1,94 @@
+"""`enqueue`: write an event in an `AsyncSession`'s transaction without an ORM object.
+
+`session.add(OutboxEvent(...))` costs what any ORM row costs: SQLAlchemy's unit of work spends
+about 0.4 ms of CPU on the extra row (bench: writer overhead). `await enqueue(session, ...)`
+checks the same fields, serialises the payload once and, on asyncpg, sends one prepared INSERT
+on the session's own connection (about 0.1 ms). Other drivers get one Core INSERT.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from outbox import validation
+from outbox.ids import uuid7
+from outbox.models import OutboxEvent
+
+#: The one INSERT of the fast path. `available_at` defaults like the column: the transaction's
+#: start time, which is also `created_at`.
+INSERT_EVENT_SQL = (
+    "INSERT INTO outbox_events"
+    " (id, topic, key, bucket, payload, headers, event_type, available_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, COALESCE($8, now()))"
+)
+_CORE_INSERT = insert(OutboxEvent)
+
+
+async def enqueue(
+    session: AsyncSession,
+    *,
+    topic: str,
+    payload: Any,
+    key: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    event_type: str | None = None,
+    available_at: datetime | None = None,
+    id: uuid.UUID | None = None,
+) -> uuid.UUID:
+    """Add an event to the session's transaction now; return its id.
+
+    Takes the same fields, checks and limits as `OutboxEvent` and raises the same
+    `OutboxValidationError`. The row is written at once (not at flush), so it commits or rolls
+    back with the session's transaction like any other statement. Like a query, it flushes the
+    session's pending changes first (unless `session.autoflush` is off).
+    """
+    event_id = id if id is not None else uuid7()
+    topic = validation.check_topic(topic)
+    key = validation.check_key(key)
+    payload, payload_json = validation.check_payload(payload)
+    checked_headers = validation.check_headers(headers)
+    event_type = validation.check_event_type(event_type)
+    if available_at is not None:
+        available_at = validation.check_available_at(available_at)
+    bucket = validation.bucket_for(key, str(event_id))
+
+    if session.autoflush:  # like a query: pending ORM rows first, so seq follows call order
+        await session.flush()
+    connection = await session.connection()
+    driver = (await connection.get_raw_connection()).driver_connection
+    # SQLAlchemy's asyncpg adapter sends BEGIN with its first statement: until then the driver
+    # is outside the transaction, and the Core INSERT below, not the driver, must begin it.
+    if isinstance(driver, asyncpg.Connection) and driver.is_in_transaction():
+        await driver.execute(
+            INSERT_EVENT_SQL,
+            event_id,
+            topic,
+            key,
+            bucket,
+            payload_json,
+            json.dumps(checked_headers, separators=(",", ":")),
+            event_type,
+            available_at,
+        )
+        return event_id
+    row: dict[str, Any] = {
+        "id": event_id,
+        "topic": topic,
+        "key": key,
+        "bucket": bucket,
+        "payload": payload,
+        "headers": checked_headers,
+        "event_type": event_type,
+    }
+    if available_at is not None:
+        row["available_at"] = available_at
+    await connection.execute(_CORE_INSERT, row)
+    return event_id
