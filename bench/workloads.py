@@ -353,7 +353,15 @@ async def overhead(ctx: Context) -> list[Result]:
 
 #: Per business transaction (see bench/writer.py), the modes run alternately in one writer.
 OVERHEAD_MODES = {
-    "order": ("plain", "outbox", "enqueue", "outbox-nonotify", "plain-sql", "outbox-sql"),
+    "order": (
+        "plain",
+        "outbox",
+        "enqueue",
+        "outbox-nonotify",
+        "plain-sql",
+        "outbox-sql",
+        "outbox-sql-nonotify",
+    ),
     "checkout": ("plain", "outbox", "enqueue", "outbox-nonotify"),
 }
 
@@ -399,7 +407,7 @@ def _overhead_summary(done: list[Result], modes: tuple[str, ...]) -> Result:
             **_latency_summary(durations),
         }
     for mode in modes:
-        base = summary["plain-sql" if mode.endswith("-sql") else "plain"]
+        base = summary["plain-sql" if "-sql" in mode else "plain"]
         if mode in ("plain", "plain-sql"):
             continue
         ran = summary[mode]

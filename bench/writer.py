@@ -52,6 +52,7 @@ MODES = (
     "faststream",
     "plain-sql",
     "outbox-sql",
+    "outbox-sql-nonotify",
     "faststream-sql",
 )
 
@@ -181,10 +182,15 @@ def sql_extra(mode: str, topic: str, keys: int) -> SqlExtra:
         body = json.dumps(event).encode()
         await conn.execute(FASTSTREAM_SQL, "bench", body, json.dumps(headers), "bench")
 
-    return {"plain-sql": plain, "outbox-sql": outbox, "faststream-sql": faststream}[mode]
+    return {
+        "plain-sql": plain,
+        "outbox-sql": outbox,
+        "outbox-sql-nonotify": outbox,
+        "faststream-sql": faststream,
+    }[mode]
 
 
-#: `outbox-nonotify` writes through connections with the trigger's notification turned off.
+#: The `-nonotify` modes write through connections with the trigger's notification turned off.
 QUIET = {"server_settings": {"outbox.notify": "off"}}
 
 
@@ -199,14 +205,21 @@ async def write(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         for notify in (True, False)
     }
-    pool = await asyncpg.create_pool(
-        asyncpg_dsn(args.database_url), min_size=args.concurrency, max_size=args.concurrency
-    )
+    pools = {
+        notify: await asyncpg.create_pool(
+            asyncpg_dsn(args.database_url),
+            min_size=args.concurrency,
+            max_size=args.concurrency,
+            **({} if notify else QUIET),
+        )
+        for notify in (True, False)
+    }
 
     def transaction_for(mode: str) -> Transaction:
-        if mode.endswith("-sql"):
-            return sql_transaction(pool, sql_extra(mode, args.topic, args.keys))
-        sessions = async_sessionmaker(engines[mode != "outbox-nonotify"], expire_on_commit=False)
+        notify = not mode.endswith("-nonotify")
+        if "-sql" in mode:
+            return sql_transaction(pools[notify], sql_extra(mode, args.topic, args.keys))
+        sessions = async_sessionmaker(engines[notify], expire_on_commit=False)
         return orm_transaction(
             sessions, BUSINESS[args.business], orm_extra(mode, args.topic, args.keys)
         )
@@ -222,7 +235,8 @@ async def write(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.go:
         await asyncio.to_thread(sys.stdin.readline)  # the harness says when to start
     runs = [await run_mode(args, mode, transaction_for(mode), args.duration) for mode in modes]
-    await pool.close()
+    for pool in pools.values():
+        await pool.close()
     for engine in engines.values():
         await engine.dispose()
     return runs
@@ -336,7 +350,7 @@ def main() -> None:
     args = parser.parse_args()
     if not set(args.mode.split(",")) <= set(MODES):
         parser.error(f"--mode: choose from {', '.join(MODES)}")
-    if args.business != "order" and any(m.endswith("-sql") for m in args.mode.split(",")):
+    if args.business != "order" and any("-sql" in m for m in args.mode.split(",")):
         parser.error("--business: the -sql modes write the order row only")
     result = asyncio.run(write(args))
     args.out.write_text(json.dumps(result))
