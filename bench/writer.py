@@ -195,16 +195,9 @@ QUIET = {"server_settings": {"outbox.notify": "off"}}
 
 
 async def write(args: argparse.Namespace) -> list[dict[str, Any]]:
-    url = sqlalchemy_async_url(args.database_url)
-    engines = {
-        notify: create_async_engine(
-            url,
-            pool_size=args.concurrency,
-            max_overflow=0,
-            connect_args={} if notify else QUIET,
-        )
-        for notify in (True, False)
-    }
+    modes = args.mode.split(",")
+    # Only the connections the modes use: (sql?, notify?) -> an asyncpg pool or an engine.
+    needs = {("-sql" in mode, not mode.endswith("-nonotify")) for mode in modes}
     pools = {
         notify: await asyncpg.create_pool(
             asyncpg_dsn(args.database_url),
@@ -212,7 +205,18 @@ async def write(args: argparse.Namespace) -> list[dict[str, Any]]:
             max_size=args.concurrency,
             **({} if notify else QUIET),
         )
-        for notify in (True, False)
+        for sql, notify in needs
+        if sql
+    }
+    engines = {
+        notify: create_async_engine(
+            sqlalchemy_async_url(args.database_url),
+            pool_size=args.concurrency,
+            max_overflow=0,
+            connect_args={} if notify else QUIET,
+        )
+        for sql, notify in needs
+        if not sql
     }
 
     def transaction_for(mode: str) -> Transaction:
@@ -229,7 +233,6 @@ async def write(args: argparse.Namespace) -> list[dict[str, Any]]:
             await conn.execute(text("SELECT 1"))
 
     await asyncio.gather(*(warm(e) for e in engines.values() for _ in range(args.concurrency)))
-    modes = args.mode.split(",")
     for mode in dict.fromkeys(modes) if args.warmup > 0 else ():
         await run_mode(args, mode, transaction_for(mode), args.warmup)  # results dropped
     if args.go:
