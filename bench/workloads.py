@@ -374,7 +374,7 @@ async def _overhead(ctx: Context) -> Result:
             writers = spawn_writers(
                 ctx,
                 url,
-                ",".join(modes * cfg.overhead_rounds),
+                ",".join(abba(modes, cfg.overhead_rounds)),
                 target_rate=0,
                 seconds=cfg.overhead_seconds,
                 topic="bench-overhead",
@@ -388,6 +388,12 @@ async def _overhead(ctx: Context) -> Result:
             done = await collect_writers(writers, timeout)
         summary[business] = _overhead_summary(done, modes)
     return summary
+
+
+def abba(modes: tuple[str, ...], rounds: int) -> list[str]:
+    """Every other round reversed (A B B A ...): a steady drift (a table that grows, a cache
+    that warms) then weighs on every mode alike instead of on the last ones."""
+    return [m for r in range(rounds) for m in (modes if r % 2 == 0 else modes[::-1])]
 
 
 def _overhead_summary(done: list[Result], modes: tuple[str, ...]) -> Result:
