@@ -15,7 +15,8 @@ from sqlalchemy import Integer, String, create_engine, select
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from outbox import OutboxEvent, metadata
+from outbox import OutboxEvent, enqueue, metadata
+from outbox.enqueue import INSERT_EVENT_SQL
 from outbox.urls import asyncpg_dsn, sqlalchemy_async_url
 from relay import migrate
 
@@ -241,3 +242,32 @@ async def test_migrate_cli(empty_database_url: str) -> None:
     assert bad.returncode != 0
     assert len(bad.stderr.strip().splitlines()) == 1
     assert "database_url" in bad.stderr
+
+
+async def test_enqueue_in_a_transaction_skips_sqlalchemy(
+    database_url: str, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path is the point of `enqueue`: once BEGIN is sent, the INSERT goes straight to
+    asyncpg on the session's connection, and still commits or rolls back with the session."""
+    sent: list[str] = []
+    execute = asyncpg.Connection.execute
+
+    async def spy(self: asyncpg.Connection, query: str, *args: Any, **kwargs: Any) -> str:
+        sent.append(query)
+        status: str = await execute(self, query, *args, **kwargs)
+        return status
+
+    engine = create_async_engine(sqlalchemy_async_url(database_url))
+    async with engine.begin() as conn:
+        await conn.run_sync(AppBase.metadata.create_all)
+    monkeypatch.setattr(asyncpg.Connection, "execute", spy)
+    for commit in (True, False):
+        async with AsyncSession(engine) as session, session.begin():
+            session.add(Order(status="placed"))
+            await enqueue(session, topic="orders", key=f"commit-{commit}", payload={})
+            if not commit:
+                await session.rollback()
+    await engine.dispose()
+    assert [q for q in sent if q.startswith("INSERT")] == [INSERT_EVENT_SQL] * 2
+    assert await pg.fetchval("SELECT array_agg(key) FROM outbox_events") == ["commit-True"]
+    assert await pg.fetchval("SELECT count(*) FROM orders") == 1
