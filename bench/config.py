@@ -28,6 +28,9 @@ class BenchConfig:
     faststream_latency_rate: int = 1_000
     #: Also measure this rate with Postgres JIT off for the database (0: skip).
     latency_jit_off_rate: int = 1_000
+    #: With `outbox.notify = off` on the writers, the relay polling every `quiet_poll_interval`.
+    latency_quiet_rate: int = 1_000
+    quiet_poll_interval: float = 0.05
     #: One writer process (one core) commits ~850 ORM transactions/s with an OutboxEvent;
     #: a process per 700/s keeps each below saturation, and 2 cores allow few processes.
     writer_process_rate: int = 700
@@ -68,6 +71,7 @@ def quick(out: Path) -> BenchConfig:
         latency_seconds=2.0,
         faststream_latency_rate=200,
         latency_jit_off_rate=0,
+        latency_quiet_rate=0,
         overhead_seconds=1.0,
         overhead_rounds=1,
         overhead_warmup_seconds=0.3,

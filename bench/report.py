@@ -140,11 +140,13 @@ def evaluate_targets(results: Result) -> list[Result]:
                 if row["target_rate"] == t.latency_rate
                 else f"measured at {row['target_rate']}/s"
             )
+            variants = {"outbox, jit=off": "with Postgres jit=off"}
             for r in _ok(results.get("latency", [])):
-                if r["system"] == "outbox, jit=off" and r["broker"] == broker:
-                    note += (
-                        f"with Postgres jit=off: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms"
-                    )
+                if r["broker"] != broker or not r["system"].startswith("outbox, "):
+                    continue
+                label = variants.get(r["system"], r["system"].removeprefix("outbox, "))
+                note += "; " if note else ""
+                note += f"{label}: p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms"
             out.append(
                 _target(
                     f"{broker} at {t.latency_rate:,}/s: "

@@ -456,6 +456,19 @@ async def latency(ctx: Context) -> list[Result]:
                     base,
                 )
             )
+        if cfg.latency_quiet_rate:
+            # The documented setting for write-heavy databases: no NOTIFY, a fast poll.
+            target = cfg.latency_quiet_rate
+            system = f"outbox, notify off, poll {cfg.quiet_poll_interval * 1000:.0f} ms"
+            base = {"system": system, "broker": broker, "target_rate": target}
+            results.append(
+                await guarded(
+                    ctx,
+                    f"latency {system} {broker} {target}/s",
+                    functools.partial(_latency, ctx, broker, target, "outbox", quiet=True),
+                    base,
+                )
+            )
         target = cfg.faststream_latency_rate
         base = {"system": "faststream-tuned", "broker": broker, "target_rate": target}
         results.append(
@@ -524,7 +537,13 @@ async def start_faststream(ctx: Context, url: str, broker: Broker, topic: str) -
 
 
 async def _latency(
-    ctx: Context, broker: Broker, target: int, mode: str, *, jit_off: bool = False
+    ctx: Context,
+    broker: Broker,
+    target: int,
+    mode: str,
+    *,
+    jit_off: bool = False,
+    quiet: bool = False,
 ) -> Result:
     cfg = ctx.config
     async with ctx.dbs.fresh() as url:
@@ -541,13 +560,16 @@ async def _latency(
         consumer = asyncio.create_task(receiver.run())
         relay: Proc | None = None
         writer_mode = f"{mode}-sql" if cfg.latency_writer == "sql" else mode
+        if quiet:
+            writer_mode += "-nonotify"
         writers = spawn_writers(
             ctx, url, writer_mode, target_rate=target, seconds=cfg.latency_seconds, topic=topic
         )
         try:
             await asyncio.wait_for(receiver.ready.wait(), 30)
             if mode == "outbox":
-                relay = await start_relay(ctx, url, broker, f"lat-{uuid.uuid4().hex[:6]}")
+                polling = ("--poll-interval", str(cfg.quiet_poll_interval)) if quiet else ()
+                relay = await start_relay(ctx, url, broker, f"lat-{uuid.uuid4().hex[:6]}", *polling)
             else:
                 relay = await start_faststream(ctx, url, broker, topic)
             outputs = await collect_writers(writers, cfg.latency_seconds + 60)
