@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from outbox.envelope import Envelope
-from relay.retry import CircuitBreaker, RetryPolicy
+from relay.retry import CircuitBreaker, PollPacer, RetryPolicy
 from relay.seams import (
     BrokerUnavailableError,
     Dead,
@@ -204,11 +204,13 @@ class Relay:
             await asyncio.wait_for(self._stopping.wait(), seconds)
         return self._stopping.is_set()
 
-    async def _wait_for_work(self) -> None:
-        """A NOTIFY, the jittered poll interval, or stop, whichever comes first."""
-        timeout = self.poll_interval * (0.8 + 0.4 * self._rand())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+    async def _wait_for_work(self, delay: float) -> bool:
+        """A NOTIFY (True), the jittered delay, or stop (True), whichever comes first."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), delay * (0.8 + 0.4 * self._rand()))
+        except TimeoutError:
+            return False
+        return True
 
     async def _renew_leases(self) -> None:
         # Renewal runs beside the loop so a long publish (broker outage) keeps the leases.
@@ -230,6 +232,8 @@ class Relay:
         in a batch published before it (those wait for the next fresh claim, which sees the
         retry's new available_at)."""
         store_backoff = CircuitBreaker(rand=self._rand)
+        pacer = PollPacer(self.poll_interval)
+        announced = True  # whether a NOTIFY (not the timer) ended the last wait
         pipe = _Pipeline()
         try:
             while not self._stopping.is_set():
@@ -270,7 +274,8 @@ class Relay:
                     self.stats.idle = not claimed
                 await self._notify()
                 if len(claimed) < self.batch_size and not self._stopping.is_set():
-                    await self._wait_for_work()
+                    delay = pacer.after_claim(found=bool(claimed), announced=announced)
+                    announced = await self._wait_for_work(delay)
             await pipe.finish_settling()  # stopping: what was published gets recorded
         finally:
             await pipe.reset()

@@ -49,3 +49,29 @@ class CircuitBreaker:
 
     def record_success(self) -> None:
         self.failures = 0
+
+
+@dataclass(slots=True)
+class PollPacer:
+    """How long an idle relay waits before it claims again; a NOTIFY ends the wait sooner.
+
+    While NOTIFYs announce the events, the relay waits the full `interval`. Events that a
+    timed poll finds unannounced mean that the writers do not notify (`outbox.notify = off`)
+    or that the LISTEN connection is down: then it polls again after `fast`, and doubles the
+    wait on each empty claim, back up to `interval`."""
+
+    interval: float
+    fast: float = 0.01
+    current: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.current = self.interval
+
+    def after_claim(self, *, found: bool, announced: bool) -> float:
+        """The wait after a claim that found events (or not), whose wait was ended by a
+        NOTIFY (`announced`) or by the timer."""
+        if found:
+            self.current = self.interval if announced else min(self.fast, self.interval)
+        else:
+            self.current = min(self.current * 2, self.interval)
+        return self.current

@@ -10,7 +10,7 @@ import structlog.testing
 
 from outbox.envelope import Envelope
 from relay.relay import Relay, RelayStats
-from relay.retry import CircuitBreaker, RetryPolicy
+from relay.retry import CircuitBreaker, PollPacer, RetryPolicy
 from relay.seams import PublishResult
 from relay.testing import FaultInjector
 from tests.fakes import MemoryStore, RecordingPublisher
@@ -33,6 +33,18 @@ def test_circuit_breaker_backs_off_and_closes() -> None:
     assert breaker.is_open
     breaker.record_success()
     assert not breaker.is_open
+
+
+def test_poll_pacer_polls_fast_only_for_unannounced_events() -> None:
+    pacer = PollPacer(interval=1.0, fast=0.01)
+    assert pacer.after_claim(found=True, announced=True) == 1.0  # NOTIFYs flow: just wait
+    assert pacer.after_claim(found=False, announced=True) == 1.0
+    assert pacer.after_claim(found=True, announced=False) == 0.01  # found by the timer
+    assert pacer.after_claim(found=True, announced=False) == 0.01  # ... and again
+    backing_off = [pacer.after_claim(found=False, announced=False) for _ in range(8)]
+    assert backing_off == [0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0, 1.0]
+    assert pacer.after_claim(found=True, announced=True) == 1.0
+    assert PollPacer(interval=0.005).after_claim(found=True, announced=False) == 0.005
 
 
 def make_relay(store: MemoryStore, publisher: object, **kw: object) -> Relay:
@@ -171,3 +183,33 @@ async def test_stop_while_the_broker_is_down_at_startup_is_clean() -> None:
     assert events[-1] == "relay_stopped"
     assert relay.stats.stopped
     assert store.stopped
+
+
+async def test_unannounced_events_make_the_relay_poll_fast() -> None:
+    """Writers with `outbox.notify = off`: nothing calls wake(), the timer finds the events."""
+    store, publisher = MemoryStore(), RecordingPublisher()
+    relay = make_relay(store, publisher, poll_interval=0.05)
+    delays: list[float] = []
+    wait = relay._wait_for_work
+
+    async def recording_wait(delay: float) -> bool:
+        delays.append(delay)
+        return await wait(delay)
+
+    relay._wait_for_work = recording_wait  # type: ignore[method-assign]
+    task = asyncio.create_task(relay.run())
+    await relay.wait_for(lambda s: s.idle, timeout=5)  # one empty claim done
+    store.add(key="a")  # no relay.wake(): no NOTIFY announced it
+    await relay.wait_for(lambda s: s.delivered == 1, timeout=5)
+    await relay.wait_for(lambda s: 0.04 in delays, timeout=5)  # backing off after "a"
+    relay.wake()  # announced, as a NOTIFY would
+    store.add(key="b")
+    relay.wake()
+    await relay.wait_for(lambda s: s.delivered == 2, timeout=5)
+    await relay.wait_for(lambda s: s.idle, timeout=5)
+    relay.request_stop()
+    await task
+    found_at = delays.index(0.01)  # the wait right after the timer found "a"
+    assert delays[:found_at] == [0.05] * found_at
+    assert delays[found_at + 1 : found_at + 3] == [0.02, 0.04]  # empty claims back off
+    assert 0.01 not in delays[found_at + 3 :]  # "b" was announced: no fast poll for it
