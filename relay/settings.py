@@ -32,7 +32,9 @@ class RelaySettings(BaseSettings):
     topic_prefix: str = Field("", description="prefix added to every topic / stream name")
     jsonl_path: str | None = Field(None, description="stdout broker: append to this file")
     batch_size: int = Field(500, ge=1, le=10_000, description="events claimed per batch")
-    poll_interval: float = Field(1.0, gt=0, le=3600, description="seconds between polls")
+    poll_interval: float = Field(
+        1.0, gt=0, le=3600, description="longest wait in seconds between polls of an idle relay"
+    )
     lease_seconds: float = Field(15.0, ge=1, le=3600, description="bucket lease length")
     max_attempts: int = Field(10, ge=1, le=1000, description="attempts before dead-lettering")
     backoff_base: float = Field(1.0, gt=0, description="first retry delay, seconds")
