@@ -297,7 +297,7 @@ def spawn_writers(
     each waiting for `go()`."""
     per_process = (
         ctx.config.sql_writer_process_rate
-        if modes.endswith("-sql")
+        if "-sql" in modes
         else ctx.config.writer_process_rate
     )
     needed = math.ceil(target_rate / per_process)
