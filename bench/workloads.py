@@ -296,9 +296,7 @@ def spawn_writers(
     """Writer processes (one per `writer_process_rate` tx/s, at most `max_writer_processes`),
     each waiting for `go()`."""
     per_process = (
-        ctx.config.sql_writer_process_rate
-        if "-sql" in modes
-        else ctx.config.writer_process_rate
+        ctx.config.sql_writer_process_rate if "-sql" in modes else ctx.config.writer_process_rate
     )
     needed = math.ceil(target_rate / per_process)
     procs = 1 if target_rate <= 0 else min(ctx.config.max_writer_processes, needed)
