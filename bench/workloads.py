@@ -430,53 +430,48 @@ def _overhead_summary(done: list[Result], modes: tuple[str, ...]) -> Result:
 async def latency(ctx: Context) -> list[Result]:
     results: list[Result] = []
     cfg = ctx.config
+    quiet = f"outbox, notify off, poll {cfg.quiet_poll_interval * 1000:.0f} ms"
     for broker in cfg.brokers:
-        for target in cfg.latency_rates:
-            base = {"system": "outbox", "broker": broker, "target_rate": target}
-            results.append(
-                await guarded(
-                    ctx,
-                    f"latency outbox {broker} {target}/s",
-                    functools.partial(_latency, ctx, broker, target, "outbox"),
-                    base,
-                )
-            )
-        if cfg.latency_jit_off_rate:
+        # (system, rate, label, what runs): one row each; a rate of 0 leaves the row out.
+        runs: list[tuple[str, int, str, dict[str, Any]]] = [
+            ("outbox", target, f"outbox {broker} {target}/s", {"mode": "outbox"})
+            for target in cfg.latency_rates
+        ]
+        runs += [
             # Diagnostic, not the product as shipped: the same relay with Postgres JIT off
             # for the database (JIT compiling the claim query stalls it for ~0.2 s a time).
-            target = cfg.latency_jit_off_rate
-            base = {"system": "outbox, jit=off", "broker": broker, "target_rate": target}
-            results.append(
-                await guarded(
-                    ctx,
-                    f"latency outbox {broker} {target}/s, Postgres jit=off",
-                    functools.partial(_latency, ctx, broker, target, "outbox", jit_off=True),
-                    base,
-                )
-            )
-        if cfg.latency_quiet_rate:
-            # The documented setting for write-heavy databases: no NOTIFY, a fast poll.
-            target = cfg.latency_quiet_rate
-            system = f"outbox, notify off, poll {cfg.quiet_poll_interval * 1000:.0f} ms"
+            (
+                "outbox, jit=off",
+                cfg.latency_jit_off_rate,
+                f"outbox {broker} {cfg.latency_jit_off_rate}/s, Postgres jit=off",
+                {"mode": "outbox", "jit_off": True},
+            ),
+            # The documented setting for write-heavy databases: no NOTIFY, paced polls.
+            (
+                quiet,
+                cfg.latency_quiet_rate,
+                f"{quiet} {broker} {cfg.latency_quiet_rate}/s",
+                {"mode": "outbox", "quiet": True},
+            ),
+            (
+                "faststream-tuned",
+                cfg.faststream_latency_rate,
+                f"faststream-outbox (tuned) {broker} {cfg.faststream_latency_rate}/s",
+                {"mode": "faststream"},
+            ),
+        ]
+        for system, target, label, how in runs:
+            if not target:
+                continue
             base = {"system": system, "broker": broker, "target_rate": target}
             results.append(
                 await guarded(
                     ctx,
-                    f"latency {system} {broker} {target}/s",
-                    functools.partial(_latency, ctx, broker, target, "outbox", quiet=True),
+                    f"latency {label}",
+                    functools.partial(_latency, ctx, broker, target, **how),
                     base,
                 )
             )
-        target = cfg.faststream_latency_rate
-        base = {"system": "faststream-tuned", "broker": broker, "target_rate": target}
-        results.append(
-            await guarded(
-                ctx,
-                f"latency faststream-outbox (tuned) {broker} {target}/s",
-                functools.partial(_latency, ctx, broker, target, "faststream"),
-                base,
-            )
-        )
     return results
 
 
