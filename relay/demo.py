@@ -29,7 +29,7 @@ from outbox.envelope import Envelope
 from relay.publishers.stdout import JsonLinesPublisher
 from relay.relay import Relay, RelayStats
 from relay.retry import RetryPolicy
-from relay.seams import Failure
+from relay.seams import Failure, Verdict
 from relay.stores.sqlite import SqliteStore, create_schema
 from relay.testing import Fault, FaultInjector
 
@@ -90,7 +90,7 @@ def moody_broker() -> Fault:
 
     def fault(event: Envelope) -> Failure | None:
         if event.event_type == POISON:
-            return Failure("MessageRejected", "the broker refused the message", retriable=False)
+            return Failure("MessageRejected", "the broker refused the message", Verdict.POISON)
         if (event.key, event.event_type) == FLAKY and event.id not in timed_out:
             timed_out.add(event.id)
             return Failure("RequestTimedOut", "no acknowledgement in time")

@@ -16,13 +16,14 @@ from typing import Any
 import structlog
 
 from outbox.envelope import Envelope
+from relay.ordering import KeyGate, PoisonPolicy, Settlement, sort_results
 from relay.retry import CircuitBreaker, PollPacer, RetryPolicy
 from relay.seams import (
     BrokerUnavailableError,
+    Claim,
     Dead,
     Publisher,
     PublishResult,
-    Retry,
     Store,
     StoreUnavailableError,
 )
@@ -39,6 +40,8 @@ class RelayStats:
     delivered: int = 0
     retried: int = 0
     dead_lettered: int = 0
+    #: Of the dead-lettered: events parked behind the poison event of their key.
+    parked: int = 0
     held_back: int = 0
     broker_failures: int = 0
     store_failures: int = 0
@@ -59,6 +62,7 @@ class Relay:
         poll_interval: float = 1.0,
         lease_seconds: float = 15.0,
         retry_policy: RetryPolicy | None = None,
+        poison_policy: PoisonPolicy = PoisonPolicy.QUARANTINE,
         shutdown_timeout: float = 10.0,
         rand: Callable[[], float] = random.random,
     ) -> None:
@@ -69,6 +73,7 @@ class Relay:
         self.poll_interval = poll_interval
         self.lease_seconds = lease_seconds
         self.retry_policy = retry_policy or RetryPolicy()
+        self.poison_policy = poison_policy
         self.shutdown_timeout = shutdown_timeout
         self.stats = RelayStats()
         self._rand = rand
@@ -228,9 +233,9 @@ class Relay:
         batch is already being claimed, and the previous batch's deletes are being written.
 
         Per-key order survives the overlap: a prefetched batch never holds an event in flight
-        (the claim excludes them), and it drops every event whose key had an undelivered event
-        in a batch published before it (those wait for the next fresh claim, which sees the
-        retry's new available_at)."""
+        (the claim excludes them), and it leaves out every key that had an undelivered event
+        in a batch published before it (`pipe.gate`; those events wait for the next fresh
+        claim, which sees the settled retries and quarantines). See relay/ordering.py."""
         store_backoff = CircuitBreaker(rand=self._rand)
         pacer = PollPacer(self.poll_interval)
         announced = True  # whether a NOTIFY (not the timer) ended the last wait
@@ -240,26 +245,42 @@ class Relay:
                 try:
                     if pipe.prefetch is None:
                         await pipe.finish_settling()  # a fresh claim sees every settled change
-                        pipe.waiting_keys.clear()
+                        pipe.gate.clear()
                         await self._rebalance_if_due()
                         self._wake.clear()
-                        claimed = await self.store.claim(self.batch_size)
+                        claim = await self.store.claim(self.batch_size)
                     else:
-                        claimed = await pipe.take_prefetch()
-                    batch = [e for e in claimed if e.key is None or e.key not in pipe.waiting_keys]
-                    if len(claimed) == self.batch_size and not self._stopping.is_set():
-                        in_flight = [e.seq for e in claimed] + pipe.settling_seqs
+                        claim = await pipe.take_prefetch()
+                    batch = [e for e in claim.events if pipe.gate.admits(e)]
+                    if len(claim) == self.batch_size and not self._stopping.is_set():
+                        in_flight = [e.seq for e in claim.events] + [d.seq for d in claim.parked]
                         pipe.prefetch = asyncio.create_task(
-                            self.store.claim(self.batch_size, exclude=in_flight)
+                            self.store.claim(
+                                self.batch_size, exclude=in_flight + pipe.settling_seqs
+                            )
                         )
-                    if batch:
-                        results = await self._publish(batch)
+                    if batch or claim.parked:
+                        results = await self._publish(batch) if batch else []
                         if results is None:  # broker down: nothing moves, nothing skips ahead
                             await pipe.drop_prefetch()
                             continue
-                        pipe.waiting_keys |= _undelivered_keys(batch, results)
+                        plan = sort_results(
+                            batch,
+                            results,
+                            policy=self.poison_policy,
+                            retry_policy=self.retry_policy,
+                            rand=self._rand,
+                        )
+                        plan.dead.extend(claim.parked)
+                        pipe.gate.close_all(plan.gate)
                         await pipe.finish_settling()
-                        pipe.settle(batch, self._settle(batch, results))
+                        pipe.settle(batch, claim.parked, self._settle(plan, len(claim.parked)))
+                        if plan.broker_refusal is not None:
+                            await pipe.drop_prefetch()
+                            await self._broker_down(str(plan.broker_refusal), len(batch))
+                            continue
+                        if batch:
+                            self._broker_up()
                     store_backoff.record_success()
                 except StoreUnavailableError as exc:
                     await pipe.reset()
@@ -271,10 +292,10 @@ class Relay:
                     continue
                 if pipe.prefetch is None:
                     await pipe.finish_settling()
-                    self.stats.idle = not claimed
+                    self.stats.idle = not claim
                 await self._notify()
-                if len(claimed) < self.batch_size and not self._stopping.is_set():
-                    delay = pacer.after_claim(found=bool(claimed), announced=announced)
+                if len(claim) < self.batch_size and not self._stopping.is_set():
+                    delay = pacer.after_claim(found=bool(claim), announced=announced)
                     announced = await self._wait_for_work(delay)
             await pipe.finish_settling()  # stopping: what was published gets recorded
         finally:
@@ -304,111 +325,82 @@ class Relay:
             results = await self.publisher.publish(batch)
         except BrokerUnavailableError as exc:
             # Not the events' fault: nothing is marked; the leases keep them ours.
-            self.stats.broker_failures += 1
-            await self._notify()
-            pause = self._breaker.record_failure()
-            log.warning(
-                "broker_unavailable",
-                error=str(exc),
-                batch=len(batch),
-                retry_in=round(pause, 2),
-                failures=self._breaker.failures,
-            )
-            await self._sleep(pause)
+            await self._broker_down(str(exc), len(batch))
             return None
         if len(results) != len(batch):
             raise RuntimeError(
                 f"{self.publisher.name} returned {len(results)} results for {len(batch)} events"
             )
+        return results
+
+    async def _broker_down(self, error: str, batch: int) -> None:
+        """Open the circuit breaker and wait (or stop) before the next probe."""
+        self.stats.broker_failures += 1
+        await self._notify()
+        pause = self._breaker.record_failure()
+        log.warning(
+            "broker_unavailable",
+            error=error,
+            batch=batch,
+            retry_in=round(pause, 2),
+            failures=self._breaker.failures,
+        )
+        await self._sleep(pause)
+
+    def _broker_up(self) -> None:
         if self._breaker.is_open:
             log.info("broker_recovered", after_failures=self._breaker.failures)
         self._breaker.record_success()
-        return results
 
-    async def _settle(self, batch: Sequence[Envelope], results: Sequence[PublishResult]) -> None:
+    async def _settle(self, plan: Settlement, parked: int) -> None:
         """Record a published batch: delete what was acked, schedule retries, dead-letter."""
-        delivered: list[int] = []
-        retries: list[Retry] = []
-        dead: list[Dead] = []
-        blocked_keys: set[str] = set()
-        for event, result in zip(batch, results, strict=True):
-            if result is None:
-                delivered.append(event.seq)
-                continue
-            if not result.counted or (result.retriable and event.key in blocked_keys):
-                self.stats.held_back += 1  # waits behind an earlier event of its key
-                continue
-            attempt = event.attempts + 1
-            log.warning(
-                "publish_failed",
-                event_id=str(event.id),
-                topic=event.topic,
-                key=event.key,
-                attempt=attempt,
-                error_class=result.error_class,
-                error=result.message,
-                retriable=result.retriable,
-            )
-            if result.retriable and not self.retry_policy.exhausted(attempt):
-                delay = self.retry_policy.delay(attempt, self._rand)
-                retries.append(Retry(event.seq, delay, f"{result.error_class}: {result.message}"))
-                if event.key is not None:
-                    blocked_keys.add(event.key)
-                log.info(
-                    "retry_scheduled",
-                    event_id=str(event.id),
-                    attempt=attempt,
-                    delay=round(delay, 3),
-                )
-            else:
-                dead.append(Dead(event.seq, result.error_class, result.message))
-        expected = len(delivered) + len(retries) + len(dead)
+        self.stats.held_back += plan.held
+        expected = len(plan.delivered) + len(plan.retries) + len(plan.dead)
         changed = 0
-        if delivered:
-            changed += await self.store.mark_delivered(delivered)
-            self.stats.delivered += len(delivered)
-            log.debug("batch_published", delivered=len(delivered))
-        if retries:
-            changed += await self.store.schedule_retries(retries)
-            self.stats.retried += len(retries)
-        if dead:
-            changed += await self.store.move_to_dead_letters(dead)
-            self.stats.dead_lettered += len(dead)
-            log.warning("moved_to_dead_letters", count=len(dead), seqs=[d.seq for d in dead][:20])
+        if plan.delivered:
+            changed += await self.store.mark_delivered(plan.delivered)
+            self.stats.delivered += len(plan.delivered)
+            log.debug("batch_published", delivered=len(plan.delivered))
+        if plan.retries:
+            changed += await self.store.schedule_retries(plan.retries)
+            self.stats.retried += len(plan.retries)
+        if plan.dead:
+            changed += await self.store.move_to_dead_letters(plan.dead)
+            self.stats.dead_lettered += len(plan.dead)
+            self.stats.parked += parked
+            log.warning(
+                "moved_to_dead_letters",
+                count=len(plan.dead),
+                parked=parked,
+                seqs=[d.seq for d in plan.dead][:20],
+            )
         if changed < expected:
-            # Our lease on some bucket expired: the new owner will (re)publish those events.
+            # Our lease on some bucket expired (the new owner will (re)publish those events),
+            # or a parked event's quarantine was lifted meanwhile (it stays pending).
             self.stats.fenced_off += expected - changed
             log.warning("lease_lost", expected=expected, changed=changed)
-
-
-def _undelivered_keys(batch: Sequence[Envelope], results: Sequence[PublishResult]) -> set[str]:
-    """Keys whose later events must wait: an event of theirs is retried or was held back.
-    (A poison event goes to the dead letters and holds nothing up.)"""
-    return {
-        e.key
-        for e, r in zip(batch, results, strict=True)
-        if r is not None and e.key is not None and (r.retriable or not r.counted)
-    }
 
 
 class _Pipeline:
     """The loop's overlap state: the next claim in flight and the previous batch's settle."""
 
     def __init__(self) -> None:
-        self.prefetch: asyncio.Task[list[Envelope]] | None = None
+        self.prefetch: asyncio.Task[Claim] | None = None
         self.settling: asyncio.Task[None] | None = None
         self.settling_seqs: list[int] = []
         #: Keys with an undelivered event in a batch published since the last fresh claim.
-        self.waiting_keys: set[str] = set()
+        self.gate = KeyGate()
 
-    async def take_prefetch(self) -> list[Envelope]:
+    async def take_prefetch(self) -> Claim:
         task, self.prefetch = self.prefetch, None
         assert task is not None
         return await task
 
-    def settle(self, batch: Sequence[Envelope], work: Coroutine[Any, Any, None]) -> None:
+    def settle(
+        self, batch: Sequence[Envelope], parked: Sequence[Dead], work: Coroutine[Any, Any, None]
+    ) -> None:
         self.settling = asyncio.create_task(work)
-        self.settling_seqs = [e.seq for e in batch]
+        self.settling_seqs = [e.seq for e in batch] + [d.seq for d in parked]
 
     async def finish_settling(self) -> None:
         task, self.settling = self.settling, None
@@ -426,6 +418,6 @@ class _Pipeline:
         await self.drop_prefetch()
         task, self.settling = self.settling, None
         self.settling_seqs = []
-        self.waiting_keys.clear()
+        self.gate.clear()
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)

@@ -6,8 +6,10 @@ A `Publisher` hands a batch to a broker (Kafka, Redis, stdout/JSON lines).
 
 from __future__ import annotations
 
+import enum
+import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from outbox.envelope import Envelope
@@ -28,22 +30,41 @@ class StoreUnavailableError(RelayError):
     """The database cannot be reached now; the loop backs off and reconnects."""
 
 
+class Verdict(enum.Enum):
+    """What a failed event's failure says, and so what the loop does with the event."""
+
+    #: This event failed, perhaps transiently: retry it with backoff; the attempt counts.
+    RETRY = "retry"
+    #: This event can never be delivered as it is: dead-letter it (and quarantine its key).
+    POISON = "poison"
+    #: Not this event's fault (an earlier event of its key failed, or the producer had to be
+    #: reset): it stays pending and is sent again soon; no attempt is counted.
+    HELD = "held"
+    #: The broker as a whole refused (out of memory, read-only, loading): no attempt is
+    #: counted, and the loop opens its circuit breaker as for an outage.
+    BROKER = "broker"
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """Why one event was not delivered.
-
-    `retriable=False` sends it to the dead letters at once. `counted=False` means the publisher
-    held the event back (an earlier event of its key failed) and it costs no attempt.
-    """
+    """Why one event was not delivered, and what that means for it (`verdict`)."""
 
     error_class: str
     message: str
-    retriable: bool = True
-    counted: bool = True
+    verdict: Verdict = Verdict.RETRY
 
     @classmethod
-    def of(cls, exc: BaseException, *, retriable: bool) -> Failure:
-        return cls(type(exc).__name__, str(exc) or repr(exc), retriable)
+    def of(cls, exc: BaseException, verdict: Verdict) -> Failure:
+        return cls(type(exc).__name__, str(exc) or repr(exc), verdict)
+
+    @property
+    def holds_key(self) -> bool:
+        """Whether the event stays pending, so later events of its key must wait for it."""
+        return self.verdict is not Verdict.POISON
+
+
+#: Later events of a key whose earlier event in the batch was not delivered.
+HELD_BACK = Failure("HeldBack", "an earlier event of its key was not delivered", Verdict.HELD)
 
 
 #: A publisher's answer for one event: None when the broker acknowledged it.
@@ -59,9 +80,26 @@ class Retry:
 
 @dataclass(frozen=True, slots=True)
 class Dead:
+    """An event to move to the dead letters. `holds_key`: the dead letter quarantines its key
+    (later events of the key are parked behind it until it is replayed or discarded);
+    `held_behind`: the poison event this one was parked behind."""
+
     seq: int
     error_class: str
     error_message: str
+    holds_key: bool = False
+    held_behind: uuid.UUID | None = None
+
+
+@dataclass(slots=True)
+class Claim:
+    """One claim: the events to publish, and events of quarantined keys to park (`parked`)."""
+
+    events: list[Envelope] = field(default_factory=list)
+    parked: list[Dead] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.events) + len(self.parked)
 
 
 class Store(Protocol):
@@ -73,9 +111,10 @@ class Store(Protocol):
     async def stop(self) -> None:
         """Release every lease and close connections."""
 
-    async def claim(self, limit: int, exclude: Sequence[int] = ()) -> list[Envelope]:
-        """Oldest available events of owned buckets, in sequence order, per-key order kept,
-        leaving out the events whose seq is in `exclude` (they are in flight)."""
+    async def claim(self, limit: int, exclude: Sequence[int] = ()) -> Claim:
+        """Oldest available events of owned buckets, in sequence order, per-key order kept
+        (see relay/ordering.py), leaving out the events whose seq is in `exclude` (they are in
+        flight). Events of a quarantined key come back in `parked`, ready to dead-letter."""
 
     async def mark_delivered(self, seqs: Sequence[int]) -> int: ...
 
@@ -94,9 +133,10 @@ class Store(Protocol):
 class Publisher(Protocol):
     """Hands batches to a broker and reports, per event, whether the broker acknowledged it.
 
-    Contract: events come in sequence order; if an event fails with a retriable error, later
-    events of the same key in the batch must not be delivered (fail them with counted=False).
-    Raise BrokerUnavailableError when the broker as a whole is unreachable.
+    Contract: events come in sequence order; once an event is not delivered, no later event of
+    its key in the batch may be delivered (answer them with HELD_BACK; see relay/ordering.py).
+    Raise BrokerUnavailableError when the broker as a whole is unreachable, and answer
+    Verdict.BROKER for events that the broker refused for its own state.
     """
 
     name: str

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from outbox.envelope import Envelope
-from relay.seams import Failure, Publisher, PublishResult
+from relay.seams import HELD_BACK, Failure, Publisher, PublishResult, Verdict
 
 #: Decides, per event, whether it fails this time (a Failure) or goes to the real publisher.
 Fault = Callable[[Envelope], Failure | None]
@@ -20,7 +20,7 @@ class FaultInjector:
     """Wraps a real publisher and fails the events `fault` picks.
 
     Honours the publisher contract: once an event of a key fails retriably, later events of
-    that key in the batch are held back (counted=False) and never reach the inner publisher.
+    that key in the batch are held back (HELD_BACK) and never reach the inner publisher.
     `published` records what the inner publisher acknowledged, in order.
     """
 
@@ -46,7 +46,7 @@ class FaultInjector:
 
         def fault(event: Envelope) -> Failure | None:
             if event.id in refused:
-                return Failure("MessageRejected", "refused by the test", retriable=False)
+                return Failure("MessageRejected", "refused by the test", Verdict.POISON)
             if remaining.get(event.id, 0) > 0:
                 remaining[event.id] -= 1
                 return Failure("InjectedError", "transient failure (test)")
@@ -66,16 +66,14 @@ class FaultInjector:
         passed: list[int] = []
         for i, event in enumerate(batch):
             if event.key is not None and event.key in blocked:
-                results[i] = Failure(
-                    "HeldBack", "an earlier event of its key failed", counted=False
-                )
+                results[i] = HELD_BACK
                 continue
             failure = self.fault(event)
             if failure is None:
                 passed.append(i)
                 continue
             results[i] = failure
-            if failure.retriable and event.key is not None:
+            if event.key is not None:
                 blocked.add(event.key)
         acks = await self.inner.publish([batch[i] for i in passed]) if passed else []
         for i, ack in zip(passed, acks, strict=True):

@@ -19,7 +19,7 @@ from aiokafka.errors import (
 from aiokafka.partitioner import murmur2
 
 from outbox.envelope import Envelope
-from relay.seams import BrokerUnavailableError, Failure, PublishResult
+from relay.seams import HELD_BACK, BrokerUnavailableError, Failure, PublishResult, Verdict
 
 log = structlog.get_logger("relay.kafka")
 
@@ -32,15 +32,13 @@ BROKER_DOWN = (
     ConnectionError,
     TimeoutError,
 )
-HELD_BACK = Failure(
-    "HeldBack", "an earlier event of this key failed", retriable=True, counted=False
-)
 
 
 def classify(exc: BaseException) -> Failure:
     """Retriable Kafka errors are retried with backoff; anything else is poison."""
     retriable = isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
-    return Failure.of(exc, retriable=retriable or isinstance(exc, BROKER_DOWN))
+    retriable = retriable or isinstance(exc, BROKER_DOWN)
+    return Failure.of(exc, Verdict.RETRY if retriable else Verdict.POISON)
 
 
 class _NotStarted:
@@ -162,7 +160,7 @@ class KafkaPublisher:
                 raise BrokerUnavailableError(f"kafka {self.bootstrap_servers}: {exc!r}") from exc
             except Exception as exc:  # noqa: BLE001 - any send error is that event's result
                 results[i] = classify(exc)
-                if results[i].retriable and event.key is not None:  # type: ignore[union-attr]
+                if event.key is not None:
                     blocked.add(event.key)
             else:
                 pending.append((i, future))

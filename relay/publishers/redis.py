@@ -21,7 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from outbox.envelope import Envelope
 from outbox.urls import redact
-from relay.seams import BrokerUnavailableError, Failure, PublishResult
+from relay.seams import HELD_BACK, BrokerUnavailableError, Failure, PublishResult, Verdict
 
 log = structlog.get_logger("relay.redis")
 
@@ -34,8 +34,10 @@ SERVER_STATE = ("OOM", "LOADING", "BUSY", "MASTERDOWN", "READONLY")
 
 def classify(exc: BaseException) -> Failure:
     if isinstance(exc, ResponseError):
-        return Failure.of(exc, retriable=str(exc).startswith(RETRIABLE_REPLIES))
-    return Failure.of(exc, retriable=isinstance(exc, BROKER_DOWN))
+        retriable = str(exc).startswith(RETRIABLE_REPLIES)
+    else:
+        retriable = isinstance(exc, BROKER_DOWN)
+    return Failure.of(exc, Verdict.RETRY if retriable else Verdict.POISON)
 
 
 def resp_command(args: Sequence[bytes]) -> bytes:
@@ -117,8 +119,8 @@ class RedisPublisher:
                 except ResponseError as exc:  # this command failed, the connection is fine
                     failure = classify(exc)
                     if event.key is not None and event.key in blocked:
-                        failure = Failure(failure.error_class, failure.message, counted=False)
-                    elif failure.retriable and event.key is not None:
+                        failure = HELD_BACK
+                    elif event.key is not None:
                         blocked.add(event.key)
                     results.append(failure)
                 else:
