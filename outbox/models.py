@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Identity,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     Uuid,
+    false,
     func,
     text,
 )
@@ -93,9 +95,13 @@ class OutboxEvent(OutboxBase):
             name="key_length",
         ),
         CheckConstraint(f"bucket >= 0 AND bucket < {validation.BUCKETS}", name="bucket_range"),
-        # Only waiting rows (delayed or retrying) are indexed; see migration 0001.
+        # Only waiting rows (delayed or retrying) are indexed, so a plain insert pays nothing
+        # for it. The claim's per-key check "has this key an earlier waiting event?" is a
+        # probe of it, and the only index that can answer it (migration 0003).
         Index(
-            "ix_outbox_events_waiting",
+            "ix_outbox_events_waiting_key",
+            "key",
+            "seq",
             "available_at",
             postgresql_where=text("available_at > created_at"),
             sqlite_where=text("available_at > created_at"),
@@ -189,6 +195,15 @@ class DeadLetter(OutboxBase):
         Index("ix_outbox_dead_letters_topic_last_failed_at", "topic", "last_failed_at"),
         Index("ix_outbox_dead_letters_key", "key"),
         Index("ix_outbox_dead_letters_last_failed_at", "last_failed_at"),
+        CheckConstraint("key IS NOT NULL OR NOT holds_key", name="only_keys_are_held"),
+        # The claim's quarantine check: "is this key held by a dead letter?" (migration 0003).
+        Index(
+            "ix_outbox_dead_letters_quarantine",
+            "key",
+            "original_seq",
+            postgresql_where=text("holds_key"),
+            sqlite_where=text("holds_key"),
+        ),
     )
 
     dead_letter_id: Mapped[int] = mapped_column(SeqColumn, Identity(), primary_key=True)
@@ -207,6 +222,13 @@ class DeadLetter(OutboxBase):
     error_class: Mapped[str] = mapped_column(Text, nullable=False)
     error_message: Mapped[str] = mapped_column(Text, nullable=False)
     relay_id: Mapped[str] = mapped_column(Text, nullable=False)
+    #: True while this dead letter quarantines its key: later events of the key are parked
+    #: behind it (see relay/ordering.py). Replaying or deleting the row lifts it.
+    holds_key: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, default=False, server_default=false()
+    )
+    #: For an event parked behind a poison event of its key: that poison event's id.
+    held_behind: Mapped[uuid.UUID | None] = mapped_column(Uuid())
 
 
 class BucketLease(OutboxBase):

@@ -97,6 +97,7 @@ def main() -> None:
 @setting_option("poll_interval", type=float)
 @setting_option("lease_seconds", type=float)
 @setting_option("max_attempts", type=int)
+@setting_option("poison_policy", type=click.Choice(["quarantine", "skip"]))
 @setting_option("backoff_base", type=float)
 @setting_option("backoff_factor", type=float)
 @setting_option("backoff_max", type=float)
@@ -156,36 +157,72 @@ def dlq() -> None:
 @dlq.command("list")
 @database_option
 @click.option("--topic", help="Only this topic.")
+@click.option("--key", help="Only this key, in original order (a quarantine chain).")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
-def dlq_list(database_url: str | None, topic: str | None, limit: int) -> None:
-    """Show the newest dead letters, one per line."""
+def dlq_list(database_url: str | None, topic: str | None, key: str | None, limit: int) -> None:
+    """Show dead letters, one per line (newest first, or a key's chain in order)."""
     from relay.admin import list_dead_letters
 
     settings = load_settings(database_url=database_url)
-    for row in run_async(list_dead_letters(settings.database_url, topic, limit)):
+    for row in run_async(list_dead_letters(settings.database_url, topic, limit, key)):
         click.echo("\t".join("" if v is None else str(v) for v in row.values()))
+
+
+def parse_ids(event_ids: tuple[str, ...]) -> list[uuid.UUID] | None:
+    try:
+        return [uuid.UUID(i) for i in event_ids] or None
+    except ValueError:
+        fail(f"--id: {', '.join(event_ids)} is not a valid UUID")
 
 
 @dlq.command("replay")
 @database_option
 @click.option("--id", "event_ids", multiple=True, help="Event id to replay (repeatable).")
+@click.option("--key", help="Replay the key's dead letters (its quarantine chain), in order.")
 @click.option("--topic", help="Replay every dead letter of this topic.")
 @click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
 def dlq_replay(
-    database_url: str | None, event_ids: tuple[str, ...], topic: str | None, replay_all: bool
+    database_url: str | None,
+    event_ids: tuple[str, ...],
+    key: str | None,
+    topic: str | None,
+    replay_all: bool,
 ) -> None:
-    """Move dead letters back into the outbox, at the end of the queue, attempts reset."""
-    from relay.admin import replay_dead_letters
+    """Move dead letters back into the outbox with their original id and seq, attempts reset.
 
-    if not (event_ids or topic or replay_all):
-        fail("choose what to replay: --id ID (repeatable), --topic NAME or --all")
-    try:
-        ids = [uuid.UUID(i) for i in event_ids] or None
-    except ValueError:
-        fail(f"--id: {', '.join(event_ids)} is not a valid UUID")
+    A quarantine chain goes back whole, in order, and its key is released at once."""
+    from relay.admin import ChainError, replay_dead_letters
+
+    if not (event_ids or key or topic or replay_all):
+        fail("choose what to replay: --id ID (repeatable), --key KEY, --topic NAME or --all")
+    ids = parse_ids(event_ids)
     settings = load_settings(database_url=database_url)
-    count = run_async(replay_dead_letters(settings.database_url, ids, topic))
+    try:
+        count = run_async(replay_dead_letters(settings.database_url, ids, topic, key))
+    except ChainError as exc:
+        fail(str(exc), 1)
     click.echo(f"replayed {count} dead letter(s)")
+
+
+@dlq.command("discard")
+@database_option
+@click.option("--id", "event_ids", multiple=True, help="Event id to drop (repeatable).")
+@click.option("--key", help="Drop every dead letter of this key (its chain).")
+@click.option("--yes", is_flag=True, help="Really delete them (there is no undo).")
+def dlq_discard(
+    database_url: str | None, event_ids: tuple[str, ...], key: str | None, yes: bool
+) -> None:
+    """Delete dead letters for good; dropping a key's chain lifts its quarantine."""
+    from relay.admin import discard_dead_letters
+
+    if not (event_ids or key):
+        fail("choose what to discard: --id ID (repeatable) or --key KEY")
+    ids = parse_ids(event_ids)
+    if not yes:
+        fail("discarding deletes dead letters for good: add --yes")
+    settings = load_settings(database_url=database_url)
+    count = run_async(discard_dead_letters(settings.database_url, ids, key))
+    click.echo(f"discarded {count} dead letter(s)")
 
 
 @main.command()

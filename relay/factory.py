@@ -4,6 +4,7 @@ implementation; the loop itself knows only the seams."""
 from __future__ import annotations
 
 from outbox.urls import is_sqlite
+from relay.ordering import PoisonPolicy
 from relay.publishers.stdout import JsonLinesPublisher
 from relay.relay import Relay
 from relay.retry import RetryPolicy
@@ -52,5 +53,6 @@ def build_relay(settings: RelaySettings) -> Relay:
             max_seconds=settings.backoff_max,
             max_attempts=settings.max_attempts,
         ),
+        poison_policy=PoisonPolicy(settings.poison_policy),
         shutdown_timeout=settings.shutdown_timeout,
     )

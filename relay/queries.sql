@@ -6,23 +6,34 @@
 -- name: claim_batch --
 -- The claim, in one statement: the oldest available events of the buckets this relay owns, in
 -- sequence order, skipping any event whose key has an earlier event still waiting for a retry or
--- a delayed delivery (per-key order). Only the owner reads a bucket, so no row locks are needed.
--- $3: seqs already in flight in this relay (claimed while the previous batch is published).
--- "w.available_at > w.created_at" always holds for a waiting row (now() >= created_at); it lets
--- the planner use the small partial index of waiting rows instead of one over every row.
-SELECT e.seq, e.id, e.topic, e.key, e.payload, e.headers, e.event_type, e.created_at, e.attempts
+-- a delayed delivery (per-key order, relay/ordering.py). Only the owner reads a bucket, so no row
+-- locks are needed. $3: seqs already in flight in this relay (claimed while the previous batch is
+-- published). `held_behind` is set for an event of a quarantined key: the id of the poison
+-- event it must be parked behind.
+-- Cost: an index scan of the primary key in seq order. Each of the two per-key checks is an
+-- InitPlan run once per claim ("is any row waiting / any key held at all?") and, only when that
+-- is true, one probe per row into a small partial index of the waiting rows / held keys; so
+-- the claim does not slow down with the number of waiting rows or quarantined keys.
+-- "w.available_at > w.created_at" always holds for a waiting row (now() >= created_at); it
+-- matches the partial indexes' predicate.
+SELECT e.seq, e.id, e.topic, e.key, e.payload, e.headers, e.event_type, e.created_at, e.attempts,
+       CASE WHEN e.key IS NOT NULL
+                 AND (SELECT EXISTS (SELECT 1 FROM outbox_dead_letters WHERE holds_key))
+            THEN (SELECT coalesce(q.held_behind, q.event_id) FROM outbox_dead_letters AS q
+                  WHERE q.key = e.key AND q.holds_key
+                  ORDER BY q.original_seq LIMIT 1)
+       END AS held_behind
 FROM outbox_events AS e
 WHERE e.available_at <= now()
   AND e.bucket = ANY (ARRAY(SELECT l.bucket FROM outbox_bucket_leases AS l
                        WHERE l.owner = $1 AND l.lease_until > now()))
   AND e.seq <> ALL ($3::bigint[])
   AND (e.key IS NULL
-       OR NOT e.key = ANY (ARRAY(SELECT DISTINCT w.key FROM outbox_events AS w
-                                  WHERE w.available_at > now() AND w.key IS NOT NULL
-                                    AND w.available_at > w.created_at))
+       OR NOT (SELECT EXISTS (SELECT 1 FROM outbox_events AS w
+                              WHERE w.available_at > now() AND w.available_at > w.created_at))
        OR NOT EXISTS (SELECT 1 FROM outbox_events AS w
-                      WHERE w.key = e.key AND w.seq < e.seq AND w.available_at > now()
-                        AND w.available_at > w.created_at))
+                      WHERE w.key = e.key AND w.seq < e.seq
+                        AND w.available_at > w.created_at AND w.available_at > now()))
 ORDER BY e.seq
 LIMIT $2;
 
@@ -45,20 +56,30 @@ WHERE e.seq = r.seq
 
 -- name: move_to_dead_letters --
 -- Delete-returning into insert: a row is in exactly one of the two tables at any time.
+-- A parked event ($6 set) moves only while its key is still held: when a replay lifted the
+-- quarantine meanwhile, FOR SHARE waits for the replay to commit, finds no held row, and the
+-- event stays pending (it is then published after the replayed chain, in seq order).
+-- A parked event made no attempt, so its attempts are not counted up.
 WITH failed AS (
-    SELECT * FROM unnest($2::bigint[], $3::text[], $4::text[]) AS f(seq, error_class, error_message)
+    SELECT * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::bool[], $6::uuid[])
+        AS f(seq, error_class, error_message, holds_key, held_behind)
 ), moved AS (
     DELETE FROM outbox_events AS e USING failed AS f
     WHERE e.seq = f.seq
       AND e.bucket = ANY (ARRAY(SELECT l.bucket FROM outbox_bucket_leases AS l
                            WHERE l.owner = $1 AND l.lease_until > now()))
-    RETURNING e.*, f.error_class, f.error_message
+      AND (f.held_behind IS NULL
+           OR EXISTS (SELECT 1 FROM outbox_dead_letters AS q
+                      WHERE q.key = e.key AND q.holds_key FOR SHARE))
+    RETURNING e.*, f.error_class, f.error_message, f.holds_key AS holds,
+              f.held_behind AS behind
 )
 INSERT INTO outbox_dead_letters (event_id, original_seq, topic, key, payload, headers, event_type,
                                  created_at, attempts, first_failed_at, last_failed_at,
-                                 error_class, error_message, relay_id)
-SELECT id, seq, topic, key, payload, headers, event_type, created_at, attempts + 1,
-       coalesce(first_failed_at, now()), now(), error_class, error_message, $1
+                                 error_class, error_message, relay_id, holds_key, held_behind)
+SELECT id, seq, topic, key, payload, headers, event_type, created_at,
+       attempts + CASE WHEN behind IS NULL THEN 1 ELSE 0 END,
+       coalesce(first_failed_at, now()), now(), error_class, error_message, $1, holds, behind
 FROM moved;
 
 -- name: heartbeat --
@@ -98,23 +119,50 @@ DELETE FROM outbox_relays WHERE relay_id = $1;
 DELETE FROM outbox_relays WHERE heartbeat_at < now() - interval '1 day';
 
 -- name: take_dead_letters --
--- Replay, step 1 (same transaction as step 2): remove the chosen dead letters.
-DELETE FROM outbox_dead_letters
-WHERE ($1::uuid[] IS NULL OR event_id = ANY ($1::uuid[]))
-  AND ($2::text IS NULL OR topic = $2)
-RETURNING event_id, topic, key, payload::text AS payload, headers::text AS headers, event_type,
-          created_at;
+-- Replay, step 1 (same transaction as step 2): remove the chosen dead letters ($1 ids, $2 topic,
+-- $3 key; NULL matches all) and, with every chosen one that holds its key, the whole chain of
+-- that key, so that a chain goes back whole. Removing the held rows lifts the quarantine.
+WITH chosen AS (
+    SELECT dead_letter_id, key, holds_key FROM outbox_dead_letters
+    WHERE ($1::uuid[] IS NULL OR event_id = ANY ($1::uuid[]))
+      AND ($2::text IS NULL OR topic = $2)
+      AND ($3::text IS NULL OR key = $3)
+)
+DELETE FROM outbox_dead_letters AS d
+WHERE d.dead_letter_id IN (SELECT dead_letter_id FROM chosen)
+   OR (d.holds_key AND d.key IN (SELECT key FROM chosen WHERE holds_key))
+RETURNING event_id, original_seq, topic, key, payload::text AS payload, headers::text AS headers,
+          event_type, created_at;
 
 -- name: requeue_events --
--- Replay, step 2: back into the outbox, at the end of the queue, with fresh attempts.
-INSERT INTO outbox_events (id, topic, key, bucket, payload, headers, event_type, created_at)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::smallint[], $5::jsonb[], $6::jsonb[],
-                     $7::text[], $8::timestamptz[]);
+-- Replay, step 2: back into the outbox with their original id and seq, so that a chain keeps its
+-- place before later events of its key, and consumers that compare seqs per key stay right.
+INSERT INTO outbox_events (seq, id, topic, key, bucket, payload, headers, event_type, created_at)
+SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::smallint[],
+                     $6::jsonb[], $7::jsonb[], $8::text[], $9::timestamptz[]);
+
+-- name: chain_tails --
+-- Replay refuses an id in the middle of a quarantine chain: these are the chosen ids ($1) that
+-- hold their key behind an earlier dead letter of the key (the head), with that head.
+SELECT d.event_id, d.key, h.event_id AS head
+FROM outbox_dead_letters AS d
+CROSS JOIN LATERAL (SELECT q.event_id FROM outbox_dead_letters AS q
+                    WHERE q.key = d.key AND q.holds_key
+                    ORDER BY q.original_seq LIMIT 1) AS h
+WHERE d.event_id = ANY ($1::uuid[]) AND d.holds_key AND h.event_id <> d.event_id;
+
+-- name: discard_dead_letters --
+-- Drop dead letters for good ($1 ids or $2 key). Dropping a key's held rows lifts its quarantine.
+DELETE FROM outbox_dead_letters
+WHERE ($1::uuid[] IS NOT NULL AND event_id = ANY ($1::uuid[])) OR ($2::text IS NOT NULL AND key = $2)
+RETURNING event_id;
 
 -- name: list_dead_letters --
-SELECT event_id, topic, key, event_type, attempts, first_failed_at, last_failed_at, error_class,
-       error_message, relay_id
+-- Newest first; with a key ($2), the key's dead letters in their original order (its chain).
+SELECT event_id, original_seq, topic, key, event_type, attempts, last_failed_at, error_class,
+       error_message, holds_key, held_behind
 FROM outbox_dead_letters
 WHERE ($1::text IS NULL OR topic = $1)
-ORDER BY last_failed_at DESC
-LIMIT $2;
+  AND ($2::text IS NULL OR key = $2)
+ORDER BY CASE WHEN $2::text IS NULL THEN last_failed_at END DESC, original_seq
+LIMIT $3;

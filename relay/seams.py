@@ -7,6 +7,7 @@ A `Publisher` hands a batch to a broker (Kafka, Redis, stdout/JSON lines).
 from __future__ import annotations
 
 import enum
+import shlex
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,18 @@ class Dead:
     error_message: str
     holds_key: bool = False
     held_behind: uuid.UUID | None = None
+
+
+def park(seq: int, key: str, poison: uuid.UUID) -> Dead:
+    """An event of a quarantined key, to dead-letter behind the key's poison event."""
+    return Dead(
+        seq,
+        "Quarantined",
+        f"key {key!r} is quarantined behind poison event {poison}; replay the chain with "
+        f"`outbox-relay dlq replay --key {shlex.quote(key)}`",
+        holds_key=True,
+        held_behind=poison,
+    )
 
 
 @dataclass(slots=True)

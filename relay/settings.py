@@ -36,6 +36,11 @@ class RelaySettings(BaseSettings):
         1.0, gt=0, le=3600, description="longest wait in seconds between polls of an idle relay"
     )
     lease_seconds: float = Field(15.0, ge=1, le=3600, description="bucket lease length")
+    poison_policy: Literal["quarantine", "skip"] = Field(
+        "quarantine",
+        description="quarantine: a dead-lettered event parks the later events of its key "
+        "until replayed; skip: the key moves on without it (breaks that key's order)",
+    )
     max_attempts: int = Field(10, ge=1, le=1000, description="attempts before dead-lettering")
     backoff_base: float = Field(1.0, gt=0, description="first retry delay, seconds")
     backoff_factor: float = Field(2.0, ge=1, description="retry delay growth factor")

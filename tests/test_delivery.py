@@ -217,11 +217,11 @@ async def test_fencing_a_relay_that_lost_its_lease_changes_nothing(
     store = PostgresStore(database_url, lease_seconds=30)
     await store.start("zombie")
     assert await store.maintain_leases(rebalance=True) == 64
-    batch = await store.claim(100)
+    batch = (await store.claim(100)).events
     assert len(batch) == 8
     await pg.execute("UPDATE outbox_bucket_leases SET owner = 'usurper'")  # leases taken over
     assert await store.mark_delivered([e.seq for e in batch]) == 0
-    assert await store.claim(100) == []
+    assert not await store.claim(100)
     await store.stop()
     assert await pg.fetchval("SELECT count(*) FROM outbox_events") == 8
 

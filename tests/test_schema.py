@@ -19,6 +19,8 @@ from outbox import OutboxEvent, enqueue, metadata
 from outbox.enqueue import INSERT_EVENT_SQL
 from outbox.urls import asyncpg_dsn, sqlalchemy_async_url
 from relay import migrate
+from relay.sql import QUERIES
+from relay.stores.postgres import PLANNER_SETTINGS
 
 pytestmark = pytest.mark.postgres
 
@@ -154,27 +156,50 @@ async def test_queue_table_vacuums_aggressively(pg: asyncpg.Connection) -> None:
     assert "autovacuum_vacuum_scale_factor=0.0" in options
 
 
-async def test_claim_is_an_index_scan_on_a_big_table(pg: asyncpg.Connection) -> None:
-    await pg.execute(
-        "INSERT INTO outbox_events (id, topic, key, bucket, payload) "
-        "SELECT gen_random_uuid(), 't', 'k' || (g % 1000), (g % 64), '{}' "
-        "FROM generate_series(1, 200000) AS g"
-    )
-    await pg.execute(
-        "UPDATE outbox_bucket_leases SET owner = 'r1', lease_until = now() + interval '1 hour'"
-    )
-    await pg.execute("ANALYZE outbox_events")
-    from relay.sql import QUERIES
-
-    plan = "\n".join(
-        r[0]
-        for r in await pg.fetch(
-            "EXPLAIN (ANALYZE, BUFFERS) " + QUERIES["claim_batch"], "r1", 500, list(range(1, 501))
+@pytest.mark.parametrize("waiting", [0, 200, 20_000])
+async def test_claim_is_an_index_scan_whatever_waits(database_url: str, waiting: int) -> None:
+    """The retry cliff: after ANALYZE, with rows of other keys waiting (retries, delays) and
+    1,000 quarantined keys, the claim still walks the primary key in seq order and probes
+    the small partial indexes, with the relay's planner settings."""
+    pg = await asyncpg.connect(asyncpg_dsn(database_url), server_settings=PLANNER_SETTINGS)
+    try:
+        await pg.execute(
+            "INSERT INTO outbox_events (id, topic, key, bucket, payload) "
+            "SELECT gen_random_uuid(), 't', 'k' || (g % 1000), (g % 64), '{}' "
+            "FROM generate_series(1, 200000) AS g"
         )
-    )
-    assert "Index Scan using pk_outbox_events" in plan, plan
-    assert "Sort" not in plan.split("->")[1], plan  # ordered by the index, no sort of the table
+        await pg.execute(
+            "INSERT INTO outbox_events (id, topic, key, bucket, payload, available_at, attempts) "
+            "SELECT gen_random_uuid(), 't', 'w' || g, (g % 64), '{}', "
+            "now() + interval '1 hour', 1 FROM generate_series(1, $1) AS g",
+            waiting,
+        )
+        await pg.execute(
+            "INSERT INTO outbox_dead_letters (event_id, original_seq, topic, key, payload, "
+            "headers, created_at, attempts, first_failed_at, last_failed_at, error_class, "
+            "error_message, relay_id, holds_key) "
+            "SELECT gen_random_uuid(), -g, 't', 'q' || g, '{}', '{}', now(), 1, now(), now(), "
+            "'E', 'e', 'r0', true FROM generate_series(1, 1000) AS g"
+        )
+        await pg.execute(
+            "UPDATE outbox_bucket_leases SET owner = 'r1', lease_until = now() + interval '1 hour'"
+        )
+        await pg.execute("ANALYZE")
+        plan = "\n".join(
+            r[0]
+            for r in await pg.fetch(
+                "EXPLAIN (ANALYZE, BUFFERS) " + QUERIES["claim_batch"], "r1", 500, list(range(501))
+            )
+        )
+    finally:
+        await pg.close()
+    assert "Index Scan using pk_outbox_events on outbox_events e" in plan, plan
+    assert "Sort" not in plan, plan  # ordered by the index, no sort of the table
     assert "Seq Scan on outbox_events" not in plan, plan
+    assert "rows=500 loops=1" in plan, plan
+    # The per-key probes go to the partial indexes, once per row at most.
+    assert "ix_outbox_events_waiting_key on outbox_events w_1" in plan, plan
+    assert "ix_outbox_dead_letters_quarantine on outbox_dead_letters q" in plan, plan
 
 
 def outbox_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

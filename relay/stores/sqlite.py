@@ -36,23 +36,31 @@ from outbox.envelope import Envelope
 from outbox.models import metadata
 from outbox.urls import is_sqlite, redact, sqlalchemy_async_url
 from outbox.validation import BUCKETS
-from relay.seams import Dead, Retry, StoreUnavailableError
+from relay.seams import Claim, Dead, Retry, StoreUnavailableError, park
 
 # -- SQL ---------------------------------------------------------------------------------------
 # Named parameters (:now, ...) are bound by sqlite3. Times are naive UTC text (see above).
 
-#: Oldest available events in seq order, skipping any event whose key has an earlier event
-#: waiting for a retry or a delayed delivery. The IN list is computed once; the correlated
-#: NOT EXISTS runs only for events whose key has such a waiting event.
+#: The claim, as Postgres's `claim_batch` (relay/queries.sql; the rule: relay/ordering.py):
+#: oldest available events in seq order, skipping any event whose key has an earlier event
+#: waiting for a retry or a delayed delivery; `held_behind` names the poison event an event of
+#: a quarantined key is parked behind.
 CLAIM_BATCH = """
-SELECT e.seq, e.id, e.topic, e.key, e.payload, e.headers, e.event_type, e.created_at, e.attempts
+SELECT e.seq, e.id, e.topic, e.key, e.payload, e.headers, e.event_type, e.created_at, e.attempts,
+       CASE WHEN e.key IS NOT NULL
+                 AND EXISTS (SELECT 1 FROM outbox_dead_letters WHERE holds_key)
+            THEN (SELECT coalesce(q.held_behind, q.event_id) FROM outbox_dead_letters AS q
+                  WHERE q.key = e.key AND q.holds_key
+                  ORDER BY q.original_seq LIMIT 1)
+       END AS held_behind
 FROM outbox_events AS e
 WHERE e.available_at <= :now
   AND (e.key IS NULL
-       OR e.key NOT IN (SELECT w.key FROM outbox_events AS w
-                        WHERE w.available_at > :now AND w.key IS NOT NULL)
        OR NOT EXISTS (SELECT 1 FROM outbox_events AS w
-                      WHERE w.key = e.key AND w.seq < e.seq AND w.available_at > :now))
+                      WHERE w.available_at > :now AND w.available_at > w.created_at)
+       OR NOT EXISTS (SELECT 1 FROM outbox_events AS w
+                      WHERE w.key = e.key AND w.seq < e.seq
+                        AND w.available_at > w.created_at AND w.available_at > :now))
 ORDER BY e.seq
 LIMIT :limit
 """
@@ -68,18 +76,24 @@ SET attempts = attempts + 1,
 WHERE seq = :seq
 """
 
-#: Step 1 of a move (step 2 is DELETE_EVENT, in the same transaction). The max() keeps the
-#: table's CHECK first_failed_at <= last_failed_at true even if the clock stepped back.
+#: Step 1 of a move (step 2 deletes what was copied, in the same transaction). The max() keeps
+#: the table's CHECK first_failed_at <= last_failed_at true even if the clock stepped back.
+#: A parked event (:held_behind set) moves only while its key is still held, and made no
+#: attempt (as in Postgres's `move_to_dead_letters`).
 COPY_TO_DEAD_LETTERS = """
 INSERT INTO outbox_dead_letters (event_id, original_seq, topic, key, payload, headers, event_type,
                                  created_at, attempts, first_failed_at, last_failed_at,
-                                 error_class, error_message, relay_id)
-SELECT id, seq, topic, key, payload, headers, event_type, created_at, attempts + 1,
+                                 error_class, error_message, relay_id, holds_key, held_behind)
+SELECT id, seq, topic, key, payload, headers, event_type, created_at,
+       attempts + (:held_behind IS NULL),
        coalesce(first_failed_at, :now), max(:now, coalesce(first_failed_at, :now)),
-       :error_class, :error_message, :relay_id
-FROM outbox_events
+       :error_class, :error_message, :relay_id, :holds_key, :held_behind
+FROM outbox_events AS e
 WHERE seq = :seq
+  AND (:held_behind IS NULL
+       OR EXISTS (SELECT 1 FROM outbox_dead_letters AS q WHERE q.key = e.key AND q.holds_key))
 """
+
 
 TABLES_PRESENT = """
 SELECT count(*) FROM sqlite_master
@@ -243,27 +257,33 @@ class SqliteStore:
                 raise
             await conn.execute("COMMIT")
 
-    async def claim(self, limit: int, exclude: Sequence[int] = ()) -> list[Envelope]:
+    async def claim(self, limit: int, exclude: Sequence[int] = ()) -> Claim:
         # Fetch enough to make up for the in-flight rows, then leave those out here.
         params = {"now": db_time(self._clock()), "limit": limit + len(exclude)}
         async with self._guard() as conn:
             rows = await conn.execute_fetchall(CLAIM_BATCH, params)
         skip = set(exclude)
         rows = [row for row in rows if row[0] not in skip][:limit]
-        return [
-            Envelope(
-                seq=row[0],
-                id=uuid.UUID(row[1]),
-                topic=row[2],
-                key=row[3],
-                payload=row[4].encode(),  # the JSON text as written, UTF-8
-                headers=json.loads(row[5]) if row[5] != "{}" else {},
-                event_type=row[6],
-                created_at=parse_db_time(row[7]),
-                attempts=row[8],
-            )
-            for row in rows
-        ]
+        claim = Claim(
+            [
+                Envelope(
+                    seq=row[0],
+                    id=uuid.UUID(row[1]),
+                    topic=row[2],
+                    key=row[3],
+                    payload=row[4].encode(),  # the JSON text as written, UTF-8
+                    headers=json.loads(row[5]) if row[5] != "{}" else {},
+                    event_type=row[6],
+                    created_at=parse_db_time(row[7]),
+                    attempts=row[8],
+                )
+                for row in rows
+                if row[9] is None
+            ]
+        )
+        if len(claim.events) < len(rows):
+            claim.parked = [park(r[0], r[3], uuid.UUID(r[9])) for r in rows if r[9] is not None]
+        return claim
 
     async def mark_delivered(self, seqs: Sequence[int]) -> int:
         async with self._transaction() as conn:
@@ -294,13 +314,18 @@ class SqliteStore:
                 "error_class": d.error_class,
                 "error_message": d.error_message,
                 "relay_id": self._relay_id,
+                "holds_key": d.holds_key,
+                "held_behind": d.held_behind.hex if d.held_behind else None,
             }
             for d in dead
         ]
         async with self._transaction() as conn:
-            cursor = await conn.executemany(COPY_TO_DEAD_LETTERS, params)
-            moved = cursor.rowcount
-            await conn.executemany(DELETE_EVENT, [{"seq": d.seq} for d in dead])
+            moved = 0
+            for param in params:
+                cursor = await conn.execute(COPY_TO_DEAD_LETTERS, param)
+                if cursor.rowcount == 1:
+                    await conn.execute(DELETE_EVENT, {"seq": param["seq"]})
+                    moved += 1
             return moved
 
     async def maintain_leases(self, *, rebalance: bool) -> int:
