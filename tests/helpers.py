@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -146,3 +146,15 @@ def relay_process(database_url: str, *args: str) -> subprocess.Popen[bytes]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float, every: float = 0.1
+) -> None:
+    """Wait until `check()` holds, for state that only another process changes (a relay in a
+    child process, a broker): there is no event of ours to wait on. TimeoutError if not."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(every)

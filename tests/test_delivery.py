@@ -136,16 +136,21 @@ async def test_non_retriable_kafka_error_dead_letters_at_once(
     database_url: str, kafka_bootstrap: str, topic: str, pg: asyncpg.Connection
 ) -> None:
     big = OutboxEvent(topic=topic, key="a", payload={"blob": "x" * 20_000})
-    small = OutboxEvent(topic=topic, key="a", payload={"ok": True})
-    await commit_events(database_url, [big, small])
+    behind = OutboxEvent(topic=topic, key="a", payload={"ok": True})
+    small = OutboxEvent(topic=topic, key="b", payload={"ok": True})
+    await commit_events(database_url, [big, behind, small])
     publisher = KafkaPublisher(kafka_bootstrap, max_request_size=10_000)
     stats = await pg_relay(database_url, publisher).drain()
     assert stats.retried == 0
-    assert stats.dead_lettered == 1
-    row = await pg.fetchrow("SELECT event_id, attempts, error_class FROM outbox_dead_letters")
-    assert row["event_id"] == big.id
-    assert row["attempts"] == 1
-    assert row["error_class"] == "MessageSizeTooLargeError"
+    assert (stats.dead_lettered, stats.parked) == (2, 1)
+    rows = await pg.fetch(
+        "SELECT event_id, attempts, error_class, held_behind FROM outbox_dead_letters "
+        "ORDER BY original_seq"
+    )
+    assert [(r["event_id"], r["attempts"], r["error_class"], r["held_behind"]) for r in rows] == [
+        (big.id, 1, "MessageSizeTooLargeError", None),
+        (behind.id, 0, "Quarantined", big.id),  # key a waits behind it, in order
+    ]
     assert [e.id for e in await read_topic(kafka_bootstrap, topic, 1)] == [small.id]
 
 
