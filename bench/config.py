@@ -21,6 +21,10 @@ class BenchConfig:
     naive_sizes: tuple[int, ...] = (10_000, 100_000)
     #: Drains up to 100k events run this many times; the median is reported.
     drain_repeats: int = 3
+    #: The retry cliff: drains of `waiting_drain_events` with this many rows of other keys
+    #: waiting (a retry backoff or a delayed delivery), after ANALYZE.
+    waiting_rows: tuple[int, ...] = (200, 20_000)
+    waiting_drain_events: int = 100_000
     faststream_tuned_events: int = 10_000
     faststream_default_events: int = 2_000
     latency_rates: tuple[int, ...] = (100, 1_000, 5_000)
@@ -65,6 +69,7 @@ def quick(out: Path) -> BenchConfig:
         drain_sizes=(2_000,),
         drain_repeats=1,
         naive_sizes=(2_000,),
+        waiting_drain_events=2_000,
         faststream_tuned_events=2_000,
         faststream_default_events=200,
         latency_rates=(200,),
@@ -112,6 +117,7 @@ class Targets:
     writer_overhead_pct: float = 15.0
     rss_mb: float = 150.0
     big_drain_drop_pct: float = 15.0
+    waiting_ratio: float = 0.8
 
 
 TARGETS = Targets()

@@ -107,6 +107,19 @@ def evaluate_targets(results: Result) -> list[Result]:
             )
         else:
             out.append(_target(f">= {t.naive_ratio}x the naive floor, {broker}", "-", None))
+        for row in _ok(results.get("drain", [])):
+            if row["broker"] != broker or "waiting" not in row:
+                continue
+            plain = ours.get(row["events"])
+            ratio = row["events_per_s"] / plain["events_per_s"] if plain else None
+            out.append(
+                _target(
+                    f"{row['waiting']:,} waiting rows of other keys: drain >= "
+                    f"{t.waiting_ratio}x without, {broker}",
+                    "-" if ratio is None else f"{ratio:.2f}x at {row['events']:,}",
+                    None if ratio is None else ratio >= t.waiting_ratio,
+                )
+            )
         ref = reference_drain(results, "outbox", broker)
         fs = [
             r

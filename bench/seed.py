@@ -87,6 +87,23 @@ async def seed_outbox(
         await conn.close()
 
 
+async def seed_waiting(url: str, count: int, topic: str) -> None:
+    """`count` rows of other keys that wait an hour (as a retry backoff or a delayed delivery
+    would), then ANALYZE: the statistics the retry cliff came from."""
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await conn.execute(
+            "INSERT INTO outbox_events (id, topic, key, bucket, payload, available_at, attempts) "
+            "SELECT gen_random_uuid(), $2, 'waiting-' || g, g % 64, '{}', "
+            "now() + interval '1 hour', 1 FROM generate_series(1, $1) AS g",
+            count,
+            topic,
+        )
+        await conn.execute("ANALYZE outbox_events")
+    finally:
+        await conn.close()
+
+
 async def seed_faststream(url: str, table: str, count: int, queue: str) -> None:
     """`count` rows as faststream-outbox's `broker.publish` writes them (JSON body + headers)."""
     conn = await asyncpg.connect(asyncpg_dsn(url))

@@ -26,7 +26,7 @@ from bench.brokers import Broker, BrokerOps, Receiver
 from bench.config import BenchConfig
 from bench.infra import Databases, Services, is_empty, poll, table_stats
 from bench.procs import Proc, module_argv, relay_argv
-from bench.seed import seed_faststream, seed_outbox
+from bench.seed import seed_faststream, seed_outbox, seed_waiting
 from outbox.urls import asyncpg_dsn
 from relay.factory import build_relay
 from relay.settings import RelaySettings
@@ -139,6 +139,19 @@ async def drain(ctx: Context) -> list[Result]:
         ]
         experiments += [
             (
+                f"drain outbox {broker} {cfg.waiting_drain_events:,}, {waiting:,} waiting",
+                functools.partial(_drain_outbox, ctx, broker, cfg.waiting_drain_events, waiting),
+                {
+                    "system": f"outbox, {waiting:,} waiting",
+                    "broker": broker,
+                    "events": cfg.waiting_drain_events,
+                    "waiting": waiting,
+                },
+            )
+            for waiting in cfg.waiting_rows
+        ]
+        experiments += [
+            (
                 f"drain faststream-outbox ({preset}) {broker} {size:,}",
                 functools.partial(_drain_faststream, ctx, broker, size, preset),
                 {"system": f"faststream-{preset}", "broker": broker, "events": size},
@@ -176,9 +189,11 @@ async def _seeded(
     return topic, time.perf_counter() - started
 
 
-async def _drain_outbox(ctx: Context, broker: Broker, size: int) -> Result:
+async def _drain_outbox(ctx: Context, broker: Broker, size: int, waiting: int = 0) -> Result:
     async with ctx.dbs.fresh() as url:
         topic, seed_seconds = await _seeded(ctx, url, broker, size, f"drain-{broker}")
+        if waiting:
+            await seed_waiting(url, waiting, topic)
         try:
             cpu = cpu_self()
             started = time.perf_counter()

@@ -158,3 +158,36 @@ async def test_replay_with_three_relays_and_a_sigkill(
     assert first_arrivals_of("K", await arrivals(redis_url, good, bad)) == [1, 2, 3, 4, 5]
     assert await pg.fetchval("SELECT count(*) FROM outbox_dead_letters") == 0
     assert await pg.fetchval("SELECT count(*) FROM outbox_events") == 0
+
+
+async def test_discard_the_poison_then_replay_the_rest(
+    database_url: str, redis_url: str, pg: asyncpg.Connection
+) -> None:
+    good, bad = f"good-{uuid.uuid4().hex[:8]}", f"bad-{uuid.uuid4().hex[:8]}"
+    await poison_the_bad_stream(redis_url, bad)
+    chain, events = story(good, bad)
+    await commit_events(database_url, events)
+    relay = pg_relay(database_url, RedisPublisher(redis_url), batch_size=10)
+    task = asyncio.create_task(relay.run())
+    try:
+        await relay.wait_for(lambda s: s.delivered == 41 and s.dead_lettered == 4, timeout=30)
+        poison = str(chain[1].id)
+        unsure = await asyncio.to_thread(cli, database_url, "dlq", "discard", "--id", poison)
+        assert unsure.returncode == 2
+        assert unsure.stderr.count("\n") == 1
+        assert "--yes" in unsure.stderr
+        dropped = await asyncio.to_thread(
+            cli, database_url, "dlq", "discard", "--id", poison, "--yes"
+        )
+        assert dropped.returncode == 0, dropped.stderr
+        assert "discarded 1" in dropped.stdout
+        replayed = await asyncio.to_thread(cli, database_url, "dlq", "replay", "--key", "K")
+        assert "replayed 3" in replayed.stdout, replayed.stderr
+        await relay.wait_for(lambda s: s.delivered == 44, timeout=30)
+    finally:
+        relay.request_stop()
+        await task
+    assert first_arrivals_of("K", await arrivals(redis_url, good)) == [1, 3, 4, 5]
+    nothing = await asyncio.to_thread(cli, database_url, "dlq", "discard", "--key", "K", "--yes")
+    assert "discarded 0" in nothing.stdout
+    assert await pg.fetchval("SELECT count(*) FROM outbox_dead_letters") == 0
