@@ -51,7 +51,7 @@ class KeyGate:
     def __init__(self) -> None:
         self._closed: set[str] = set()
 
-    def admits(self, event: Envelope) -> bool:
+    def admits(self, event: Envelope | Dead) -> bool:
         return event.key is None or event.key not in self._closed
 
     def close(self, event: Envelope) -> None:

@@ -242,24 +242,28 @@ class Relay:
         pipe = _Pipeline()
         try:
             while not self._stopping.is_set():
+                fresh = pipe.prefetch is None
                 try:
-                    if pipe.prefetch is None:
+                    if fresh:
                         await pipe.finish_settling()  # a fresh claim sees every settled change
                         pipe.gate.clear()
+                        pipe.passed_over.clear()
                         await self._rebalance_if_due()
                         self._wake.clear()
                         claim = await self.store.claim(self.batch_size)
                     else:
                         claim = await pipe.take_prefetch()
+                    # Parked events wait behind the gate too: they go to the dead letters in order.
                     batch = [e for e in claim.events if pipe.gate.admits(e)]
+                    parked = [d for d in claim.parked if pipe.gate.admits(d)]
+                    pipe.pass_over(claim, len(batch) + len(parked))
                     if len(claim) == self.batch_size and not self._stopping.is_set():
-                        in_flight = [e.seq for e in claim.events] + [d.seq for d in claim.parked]
+                        in_flight = [e.seq for e in batch] + [d.seq for d in parked]
+                        exclude = in_flight + pipe.settling_seqs + pipe.passed_over
                         pipe.prefetch = asyncio.create_task(
-                            self.store.claim(
-                                self.batch_size, exclude=in_flight + pipe.settling_seqs
-                            )
+                            self.store.claim(self.batch_size, exclude=exclude)
                         )
-                    if batch or claim.parked:
+                    if batch or parked:
                         results = await self._publish(batch) if batch else []
                         if results is None:  # broker down: nothing moves, nothing skips ahead
                             await pipe.drop_prefetch()
@@ -271,10 +275,10 @@ class Relay:
                             retry_policy=self.retry_policy,
                             rand=self._rand,
                         )
-                        plan.dead.extend(claim.parked)
+                        plan.dead.extend(parked)
                         pipe.gate.close_all(plan.gate)
                         await pipe.finish_settling()
-                        pipe.settle(batch, claim.parked, self._settle(plan, len(claim.parked)))
+                        pipe.settle(batch, parked, self._settle(plan, len(parked)))
                         if plan.broker_refusal is not None:
                             await pipe.drop_prefetch()
                             await self._broker_down(str(plan.broker_refusal), len(batch))
@@ -292,9 +296,11 @@ class Relay:
                     continue
                 if pipe.prefetch is None:
                     await pipe.finish_settling()
-                    self.stats.idle = not claim
+                    self.stats.idle = fresh and not claim
                 await self._notify()
-                if len(claim) < self.batch_size and not self._stopping.is_set():
+                # Only a fresh claim tells that the work ran out: a prefetched one left out
+                # what was in flight or passed over, so a fresh claim follows it at once.
+                if fresh and len(claim) < self.batch_size and not self._stopping.is_set():
                     delay = pacer.after_claim(found=bool(claim), announced=announced)
                     announced = await self._wait_for_work(delay)
             await pipe.finish_settling()  # stopping: what was published gets recorded
@@ -390,6 +396,14 @@ class _Pipeline:
         self.settling_seqs: list[int] = []
         #: Keys with an undelivered event in a batch published since the last fresh claim.
         self.gate = KeyGate()
+        #: Seqs the gate left out since the last fresh claim: later prefetches skip them too
+        #: (else a prefetch chain could claim and drop them again and again).
+        self.passed_over: list[int] = []
+
+    def pass_over(self, claim: Claim, admitted: int) -> None:
+        if admitted < len(claim):
+            self.passed_over += [e.seq for e in claim.events if not self.gate.admits(e)]
+            self.passed_over += [d.seq for d in claim.parked if not self.gate.admits(d)]
 
     async def take_prefetch(self) -> Claim:
         task, self.prefetch = self.prefetch, None
@@ -419,5 +433,6 @@ class _Pipeline:
         task, self.settling = self.settling, None
         self.settling_seqs = []
         self.gate.clear()
+        self.passed_over.clear()
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)

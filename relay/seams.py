@@ -90,6 +90,8 @@ class Dead:
     error_message: str
     holds_key: bool = False
     held_behind: uuid.UUID | None = None
+    #: The event's key, for the loop's key gate (not stored).
+    key: str | None = None
 
 
 def park(seq: int, key: str, poison: uuid.UUID) -> Dead:
@@ -101,6 +103,7 @@ def park(seq: int, key: str, poison: uuid.UUID) -> Dead:
         f"`outbox-relay dlq replay --key {shlex.quote(key)}`",
         holds_key=True,
         held_behind=poison,
+        key=key,
     )
 
 

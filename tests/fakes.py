@@ -1,19 +1,33 @@
-"""Test doubles behind the two seams: an in-memory store and a fault-injecting publisher."""
+"""Test helpers around the two seams: a fake clock, a SQLite outbox file to drive the real
+`SqliteStore` with, and a publisher that records what it was given.
+
+There is no in-memory store: a hand-written copy of the claim rule drifts from the real one, so
+the loop's tests run on `SqliteStore` (the claim rule: relay/ordering.py, `CLAIM_BATCH`).
+"""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+
+from outbox import DeadLetter, OutboxEvent
 from outbox.envelope import Envelope
-from relay.seams import BrokerUnavailableError, Dead, PublishResult, Retry
+from outbox.urls import sqlalchemy_async_url
+from relay.seams import BrokerUnavailableError, Claim, PublishResult
+from relay.stores.sqlite import SqliteStore, create_schema
 
 
 class FakeClock:
+    """Starts a minute ahead of real time, so rows stamped by CURRENT_TIMESTAMP (real time, to
+    the second) are due at once; moves only when a test advances it."""
+
     def __init__(self) -> None:
-        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+        self.now = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=60)
 
     def __call__(self) -> datetime:
         return self.now
@@ -22,76 +36,86 @@ class FakeClock:
         self.now += timedelta(seconds=seconds)
 
 
-@dataclass
-class Row:
-    event: Envelope
-    available_at: datetime
-    last_error: str | None = None
+class TrackedSqliteStore(SqliteStore):
+    """The real `SqliteStore`, noting whether it was stopped (the relay gave it back) and how
+    many claims it answered."""
 
+    def __init__(self, database_url: str, *, clock: FakeClock) -> None:
+        super().__init__(database_url, clock=clock)
+        self.stopped = False
+        self.claims = 0
 
-@dataclass
-class MemoryStore:
-    """The Store seam in memory, same claim rules as Postgres, time from an injected clock."""
-
-    clock: FakeClock = field(default_factory=FakeClock)
-    rows: dict[int, Row] = field(default_factory=dict)
-    dead: list[tuple[Envelope, Dead]] = field(default_factory=list)
-    delays: list[float] = field(default_factory=list)
-    stopped: bool = False
-    _seq: int = 0
-
-    def add(self, topic: str = "t", key: str | None = None, payload: bytes = b"{}") -> Envelope:
-        self._seq += 1
-        event = Envelope(self._seq, uuid.uuid4(), topic, key, payload)
-        self.rows[event.seq] = Row(event, self.clock())
-        return event
+    async def claim(self, limit: int, exclude: Sequence[int] = ()) -> Claim:
+        claim = await super().claim(limit, exclude)
+        self.claims += 1
+        return claim
 
     async def start(self, relay_id: str) -> None:
-        del relay_id
+        await super().start(relay_id)
+        self.stopped = False
 
     async def stop(self) -> None:
+        await super().stop()
         self.stopped = True
 
-    async def claim(self, limit: int, exclude: Sequence[int] = ()) -> list[Envelope]:
-        now = self.clock()
-        skip = set(exclude)
-        waiting: dict[str, int] = {}
-        for seq in sorted(self.rows):
-            row = self.rows[seq]
-            if row.available_at > now and row.event.key is not None:
-                waiting.setdefault(row.event.key, seq)
-        out = [
-            r.event
-            for s, r in sorted(self.rows.items())
-            if s not in skip
-            and r.available_at <= now
-            and (r.event.key is None or waiting.get(r.event.key, s) >= s)
-        ]
-        return out[:limit]
 
-    async def mark_delivered(self, seqs: Sequence[int]) -> int:
-        return sum(self.rows.pop(s, None) is not None for s in seqs)
+class OutboxDb:
+    """A SQLite outbox file with the schema: write events as an application does (OutboxEvent in
+    a SQLAlchemy session) and read the tables back. Async (aiosqlite), so a test never blocks
+    the event loop while a relay's transaction is open."""
 
-    async def schedule_retries(self, retries: Sequence[Retry]) -> int:
-        for r in retries:
-            row = self.rows[r.seq]
-            row.event = replace(row.event, attempts=row.event.attempts + 1)
-            row.available_at = self.clock() + timedelta(seconds=r.delay_seconds)
-            row.last_error = r.error
-            self.delays.append(r.delay_seconds)
-        return len(retries)
+    def __init__(self, url: str, clock: FakeClock, engine: AsyncEngine) -> None:
+        self.url = url
+        self.clock = clock
+        self.engine = engine
 
-    async def move_to_dead_letters(self, dead: Sequence[Dead]) -> int:
-        for d in dead:
-            self.dead.append((self.rows.pop(d.seq).event, d))
-        return len(dead)
+    @classmethod
+    async def create(cls, path: Path, clock: FakeClock) -> OutboxDb:
+        url = f"sqlite:///{path}"
+        await create_schema(url)
+        return cls(url, clock, create_async_engine(sqlalchemy_async_url(url)))
 
-    async def maintain_leases(self, *, rebalance: bool) -> int:
-        del rebalance
-        return 64
+    async def close(self) -> None:
+        await self.engine.dispose()
 
-    def on_new_events(self, wake: Callable[[], None]) -> None:
-        del wake
+    def store(self) -> TrackedSqliteStore:
+        """A new `SqliteStore` on this file, on the fake clock."""
+        return TrackedSqliteStore(self.url, clock=self.clock)
+
+    async def add(
+        self, topic: str = "t", key: str | None = None, payload: Any = None
+    ) -> OutboxEvent:
+        """Commit one event; it has its `seq` and `id` (other columns are not loaded)."""
+        (event,) = await self.add_all([OutboxEvent(topic=topic, key=key, payload=payload or {})])
+        return event
+
+    async def add_all(self, events: Sequence[OutboxEvent]) -> list[OutboxEvent]:
+        """Commit the events in one transaction, in order (seq ascending)."""
+        async with AsyncSession(self.engine, expire_on_commit=False) as session, session.begin():
+            for event in events:  # one flush each: seq follows the list order
+                session.add(event)
+                await session.flush()
+        return list(events)
+
+    async def pending(self) -> list[OutboxEvent]:
+        """The rows of outbox_events, by seq."""
+        async with AsyncSession(self.engine, expire_on_commit=False) as session:
+            rows = await session.scalars(select(OutboxEvent).order_by(OutboxEvent.seq))
+            return list(rows)
+
+    async def row(self, seq: int) -> OutboxEvent:
+        async with AsyncSession(self.engine, expire_on_commit=False) as session:
+            return await session.get_one(OutboxEvent, seq)
+
+    async def retry_delay(self, seq: int) -> float:
+        """Seconds from the fake clock's now until the event is due again."""
+        return ((await self.row(seq)).available_at - self.clock()).total_seconds()
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        """The rows of outbox_dead_letters, in the order they were written."""
+        async with AsyncSession(self.engine, expire_on_commit=False) as session:
+            rows = await session.scalars(select(DeadLetter).order_by(DeadLetter.dead_letter_id))
+            return list(rows)
 
 
 class RecordingPublisher:

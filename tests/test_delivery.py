@@ -116,10 +116,11 @@ async def test_max_attempts_then_dead_letter(
     policy = RetryPolicy(base_seconds=0.02, max_seconds=0.05, max_attempts=3)
     relay = pg_relay(database_url, publisher, relay_id="dlq-test", retry_policy=policy)
     task = asyncio.create_task(relay.run())
-    await relay.wait_for(lambda s: s.dead_lettered == 1 and s.delivered == 1, timeout=30)
+    await relay.wait_for(lambda s: s.dead_lettered == 2 and s.idle, timeout=30)
     relay.request_stop()
     await task
-    row = await pg.fetchrow("SELECT * FROM outbox_dead_letters")
+    assert relay.stats.parked == 1  # `after` waits behind it: same key
+    row = await pg.fetchrow("SELECT * FROM outbox_dead_letters ORDER BY original_seq LIMIT 1")
     assert row["event_id"] == doomed.id
     assert row["attempts"] == 3
     assert row["error_class"] == "InjectedError"
@@ -128,7 +129,13 @@ async def test_max_attempts_then_dead_letter(
     assert json.loads(row["payload"]) == {"k": 0, "n": 0}
     assert row["first_failed_at"] <= row["last_failed_at"]
     assert await pg.fetchval("SELECT count(*) FROM outbox_events") == 0
-    assert [e.id for e in await read_stream(redis_url, topic, 1)] == [after.id]
+    parked = await pg.fetchrow("SELECT * FROM outbox_dead_letters ORDER BY original_seq DESC")
+    assert (parked["event_id"], parked["held_behind"], parked["attempts"]) == (
+        after.id,
+        doomed.id,
+        0,
+    )
+    assert await read_stream(redis_url, topic, None) == []
 
 
 @pytest.mark.kafka

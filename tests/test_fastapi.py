@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -21,7 +21,8 @@ from relay.fastapi import outbox_lifespan
 from relay.relay import Relay
 from relay.seams import PublishResult
 from relay.settings import RelaySettings
-from tests.fakes import MemoryStore
+from relay.stores.sqlite import SqliteStore
+from tests.fakes import FakeClock, OutboxDb
 
 TIMEOUT = 30.0
 #: What XREAD returns: [(stream, [(entry id, {field: value})])].
@@ -142,10 +143,18 @@ class ExplodingPublisher:
         raise RuntimeError("publisher bug (test)")
 
 
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[OutboxDb]:
+    """A SQLite outbox file; its stores run on a fake clock."""
+    outbox = await OutboxDb.create(tmp_path / "outbox.db", FakeClock())
+    yield outbox
+    await outbox.close()
+
+
 @pytest.mark.unit
-async def test_a_crashed_relay_is_raised_on_exit_not_swallowed() -> None:
-    store = MemoryStore()
-    store.add(key="k")
+async def test_a_crashed_relay_is_raised_on_exit_not_swallowed(db: OutboxDb) -> None:
+    store = db.store()
+    await db.add(key="k")
     relay = Relay(store, ExplodingPublisher(), relay_id="test", poll_interval=0.01)
     lifespan = outbox_lifespan(relay=relay)
     assert await lifespan.__aenter__() == {"outbox_relay": relay}
@@ -156,9 +165,9 @@ async def test_a_crashed_relay_is_raised_on_exit_not_swallowed() -> None:
 
 
 @pytest.mark.unit
-async def test_the_app_error_wins_over_the_relay_error() -> None:
-    store = MemoryStore()
-    store.add(key="k")
+async def test_the_app_error_wins_over_the_relay_error(db: OutboxDb) -> None:
+    store = db.store()
+    await db.add(key="k")
     relay = Relay(store, ExplodingPublisher(), relay_id="test", poll_interval=0.01)
     lifespan = outbox_lifespan(relay=relay)
     await lifespan.__aenter__()
@@ -169,7 +178,8 @@ async def test_the_app_error_wins_over_the_relay_error() -> None:
 
 
 @pytest.mark.unit
-def test_settings_and_relay_are_exclusive() -> None:
-    relay = Relay(MemoryStore(), ExplodingPublisher(), relay_id="test")
+def test_settings_and_relay_are_exclusive(tmp_path: Path) -> None:
+    store = SqliteStore(f"sqlite:///{tmp_path / 'outbox.db'}", clock=FakeClock())
+    relay = Relay(store, ExplodingPublisher(), relay_id="test")
     with pytest.raises(ValueError, match="not both"):
         outbox_lifespan(RelaySettings(database_url="sqlite:///x.db"), relay=relay)

@@ -1,19 +1,24 @@
-"""The loop and the backoff, with the in-memory store, a fake publisher and a fake clock."""
+"""The loop and the backoff, on the real SqliteStore (a tmp_path file), a fake publisher and a
+fake clock injected into the store."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import pytest
 import structlog.testing
 
+from outbox import OutboxEvent
 from outbox.envelope import Envelope
+from relay.ordering import PoisonPolicy
 from relay.relay import Relay, RelayStats
 from relay.retry import CircuitBreaker, PollPacer, RetryPolicy
 from relay.seams import PublishResult
+from relay.stores.sqlite import SqliteStore
 from relay.testing import FaultInjector
-from tests.fakes import MemoryStore, RecordingPublisher
+from tests.fakes import FakeClock, OutboxDb, RecordingPublisher, TrackedSqliteStore
 
 pytestmark = pytest.mark.unit
 
@@ -47,7 +52,25 @@ def test_poll_pacer_polls_fast_only_for_unannounced_events() -> None:
     assert PollPacer(interval=0.005).after_claim(found=True, announced=False) == 0.005
 
 
-def make_relay(store: MemoryStore, publisher: object, **kw: object) -> Relay:
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def db(tmp_path: Path, clock: FakeClock) -> AsyncIterator[OutboxDb]:
+    """A SQLite outbox file with the schema; the relay's store runs on the fake clock."""
+    outbox = await OutboxDb.create(tmp_path / "outbox.db", clock)
+    yield outbox
+    await outbox.close()
+
+
+@pytest.fixture
+def store(db: OutboxDb) -> TrackedSqliteStore:
+    return db.store()
+
+
+def make_relay(store: SqliteStore, publisher: object, **kw: object) -> Relay:
     defaults: dict[str, object] = {
         "relay_id": "test",
         "batch_size": 10,
@@ -58,48 +81,65 @@ def make_relay(store: MemoryStore, publisher: object, **kw: object) -> Relay:
     return Relay(store, publisher, **(defaults | kw))  # type: ignore[arg-type]
 
 
-async def test_drain_publishes_everything_in_order_and_deletes() -> None:
-    store, publisher = MemoryStore(), RecordingPublisher()
-    events = [store.add(key=f"k{i % 3}") for i in range(25)]
+def seqs(events: Sequence[Envelope | OutboxEvent]) -> list[int]:
+    return [e.seq for e in events]
+
+
+async def test_drain_publishes_everything_in_order_and_deletes(
+    db: OutboxDb, store: TrackedSqliteStore
+) -> None:
+    publisher = RecordingPublisher()
+    events = [await db.add(key=f"k{i % 3}") for i in range(25)]
     stats = await make_relay(store, publisher).drain()
     assert [e.seq for e in publisher.published] == [e.seq for e in events]
     assert stats.delivered == 25
     assert stats.batches == 3  # batch_size 10: keeps draining while batches are full
-    assert not store.rows
+    assert await db.pending() == []
     assert store.stopped
 
 
-async def test_retry_holds_back_the_key_then_succeeds() -> None:
-    store, recorder = MemoryStore(), RecordingPublisher()
-    first = store.add(key="a")
-    second = store.add(key="a")
-    other = store.add(key="b")
+async def test_retry_holds_back_the_key_then_succeeds(
+    db: OutboxDb, store: TrackedSqliteStore, clock: FakeClock
+) -> None:
+    recorder = RecordingPublisher()
+    first = await db.add(key="a")
+    second = await db.add(key="a")
+    other = await db.add(key="b")
     publisher = FaultInjector.scripted(recorder, failures={first.id: 2})
     relay = make_relay(store, publisher)
     task = asyncio.create_task(relay.run())
     await relay.wait_for(lambda s: s.retried == 1 and s.idle, timeout=5)
     assert [e.seq for e in recorder.published] == [other.seq]  # b flows, a waits
-    assert store.rows[first.seq].event.attempts == 1
-    assert store.delays == [5.0]
-    store.clock.advance(5)
+    assert (await db.row(first.seq)).attempts == 1
+    delays = [await db.retry_delay(first.seq)]
+    assert delays == [5.0]
+    clock.advance(5)
     relay.wake()
     await relay.wait_for(lambda s: s.retried == 2, timeout=5)
-    assert store.delays == [5.0, 10.0]  # exponential
-    store.clock.advance(10)
+    delays.append(await db.retry_delay(first.seq))
+    assert delays == [5.0, 10.0]  # exponential
+    clock.advance(10)
     relay.wake()
     await relay.wait_for(lambda s: s.delivered == 3, timeout=5)
     relay.request_stop()
     await task
     assert [e.seq for e in recorder.published] == [other.seq, first.seq, second.seq]
     assert relay.stats.held_back >= 1
-    assert not store.dead
+    assert await db.dead_letters() == []
 
 
-async def test_max_attempts_then_dead_letter_and_successor_flows() -> None:
-    store, recorder = MemoryStore(), RecordingPublisher()
-    doomed = store.add(key="a")
-    after = store.add(key="a")
-    relay = make_relay(store, FaultInjector.scripted(recorder, failures={doomed.id: 99}))
+async def test_max_attempts_then_dead_letter_and_successor_flows(
+    db: OutboxDb, store: TrackedSqliteStore, clock: FakeClock
+) -> None:
+    """Under the skip policy (the relay's behaviour before quarantine existed)."""
+    recorder = RecordingPublisher()
+    doomed = await db.add(key="a")
+    after = await db.add(key="a")
+    relay = make_relay(
+        store,
+        FaultInjector.scripted(recorder, failures={doomed.id: 99}),
+        poison_policy=PoisonPolicy.SKIP,
+    )
     task = asyncio.create_task(relay.run())
     for attempt in (1, 2):
 
@@ -107,60 +147,68 @@ async def test_max_attempts_then_dead_letter_and_successor_flows() -> None:
             return stats.retried == n
 
         await relay.wait_for(retried, timeout=5)
-        store.clock.advance(3600)
+        clock.advance(3600)
         relay.wake()
     await relay.wait_for(lambda s: s.dead_lettered == 1 and s.delivered == 1, timeout=5)
     relay.request_stop()
     await task
-    ((event, dead),) = store.dead
-    assert event.id == doomed.id
+    (dead,) = await db.dead_letters()
+    assert dead.event_id == doomed.id
     assert dead.error_class == "InjectedError"
     assert [e.id for e in recorder.published] == [after.id]
 
 
-async def test_non_retriable_goes_to_dead_letters_at_once() -> None:
-    store, recorder = MemoryStore(), RecordingPublisher()
-    poison = store.add(key="a")
-    fine = store.add(key="a")
-    stats = await make_relay(store, FaultInjector.scripted(recorder, poison={poison.id})).drain()
+async def test_non_retriable_goes_to_dead_letters_at_once(
+    db: OutboxDb, store: TrackedSqliteStore
+) -> None:
+    """Under the skip policy (the relay's behaviour before quarantine existed)."""
+    recorder = RecordingPublisher()
+    poison = await db.add(key="a")
+    fine = await db.add(key="a")
+    publisher = FaultInjector.scripted(recorder, poison={poison.id})
+    stats = await make_relay(store, publisher, poison_policy=PoisonPolicy.SKIP).drain()
     assert stats.retried == 0
-    assert [e.id for e, _ in store.dead] == [poison.id]
-    assert store.dead[0][1].error_class == "MessageRejected"
+    dead = await db.dead_letters()
+    assert [d.event_id for d in dead] == [poison.id]
+    assert dead[0].error_class == "MessageRejected"
     assert [e.id for e in recorder.published] == [fine.id]
 
 
-async def test_broker_outage_burns_no_attempts() -> None:
-    store, publisher = MemoryStore(), RecordingPublisher()
+async def test_broker_outage_burns_no_attempts(db: OutboxDb, store: TrackedSqliteStore) -> None:
+    publisher = RecordingPublisher()
     for i in range(5):
-        store.add(key=f"k{i}")
+        await db.add(key=f"k{i}")
     publisher.down = True
     relay = make_relay(store, publisher)
     relay._breaker = CircuitBreaker(base_seconds=0.01, max_seconds=0.02)
     task = asyncio.create_task(relay.run())
     await relay.wait_for(lambda s: s.broker_failures >= 3, timeout=5)
-    assert all(r.event.attempts == 0 for r in store.rows.values())
-    assert not store.dead
+    rows = await db.pending()
+    assert len(rows) == 5
+    assert all(row.attempts == 0 for row in rows)
+    assert await db.dead_letters() == []
     publisher.down = False
     await relay.wait_for(lambda s: s.delivered == 5, timeout=5)
     relay.request_stop()
     await task
 
 
-async def test_crash_in_publisher_stops_the_relay_and_is_raised() -> None:
+async def test_crash_in_publisher_stops_the_relay_and_is_raised(
+    db: OutboxDb, store: TrackedSqliteStore
+) -> None:
     class Broken(RecordingPublisher):
         async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
             raise ValueError("bug in publisher")
 
-    store = MemoryStore()
-    store.add()
+    await db.add()
     with pytest.raises(ValueError, match="bug in publisher"):
         await asyncio.wait_for(make_relay(store, Broken()).run(), 5)
     assert store.stopped
-    assert len(store.rows) == 1  # nothing lost
+    assert len(await db.pending()) == 1  # nothing lost
 
 
-async def test_stop_finishes_and_releases() -> None:
-    store, publisher = MemoryStore(), RecordingPublisher()
+async def test_stop_finishes_and_releases(store: TrackedSqliteStore) -> None:
+    publisher = RecordingPublisher()
     relay = make_relay(store, publisher)
     task = asyncio.create_task(relay.run())
     await relay.wait_for(lambda s: s.idle, timeout=5)
@@ -169,8 +217,10 @@ async def test_stop_finishes_and_releases() -> None:
     assert store.stopped
 
 
-async def test_stop_while_the_broker_is_down_at_startup_is_clean() -> None:
-    store, publisher = MemoryStore(), RecordingPublisher()
+async def test_stop_while_the_broker_is_down_at_startup_is_clean(
+    store: TrackedSqliteStore,
+) -> None:
+    publisher = RecordingPublisher()
     publisher.down = True
     relay = make_relay(store, publisher)
     with structlog.testing.capture_logs() as logs:
@@ -185,9 +235,11 @@ async def test_stop_while_the_broker_is_down_at_startup_is_clean() -> None:
     assert store.stopped
 
 
-async def test_unannounced_events_make_the_relay_poll_fast() -> None:
+async def test_unannounced_events_make_the_relay_poll_fast(
+    db: OutboxDb, store: TrackedSqliteStore
+) -> None:
     """Writers with `outbox.notify = off`: nothing calls wake(), the timer finds the events."""
-    store, publisher = MemoryStore(), RecordingPublisher()
+    publisher = RecordingPublisher()
     relay = make_relay(store, publisher, poll_interval=0.05)
     delays: list[float] = []
     wait = relay._wait_for_work
@@ -199,11 +251,11 @@ async def test_unannounced_events_make_the_relay_poll_fast() -> None:
     relay._wait_for_work = recording_wait  # type: ignore[method-assign]
     task = asyncio.create_task(relay.run())
     await relay.wait_for(lambda s: s.idle, timeout=5)  # one empty claim done
-    store.add(key="a")  # no relay.wake(): no NOTIFY announced it
+    await db.add(key="a")  # no relay.wake(): no NOTIFY announced it
     await relay.wait_for(lambda s: s.delivered == 1, timeout=5)
     await relay.wait_for(lambda s: 0.04 in delays, timeout=5)  # backing off after "a"
     relay.wake()  # announced, as a NOTIFY would
-    store.add(key="b")
+    await db.add(key="b")
     relay.wake()
     await relay.wait_for(lambda s: s.delivered == 2, timeout=5)
     await relay.wait_for(lambda s: s.idle, timeout=5)
@@ -213,3 +265,166 @@ async def test_unannounced_events_make_the_relay_poll_fast() -> None:
     assert delays[:found_at] == [0.05] * found_at
     assert delays[found_at + 1 : found_at + 3] == [0.02, 0.04]  # empty claims back off
     assert 0.01 not in delays[found_at + 3 :]  # "b" was announced: no fast poll for it
+
+
+# -- per-key order and the poison policy, at the loop level, on SqliteStore ---------------------
+
+
+async def add_keyed(db: OutboxDb, plan: str) -> dict[str, OutboxEvent]:
+    """Commit events named like 'K1 A1 K2 ...' in that order (the letter is the key)."""
+    names = plan.split()
+    events = await db.add_all(
+        [OutboxEvent(topic="t", key=name[0], payload={"name": name}) for name in names]
+    )
+    return dict(zip(names, events, strict=True))
+
+
+#: Key K has events 1..5 (K2 will be poison); keys A and B interleave with them.
+PLAN = "K1 A1 K2 B1 K3 A2 K4 B2 K5 A3 B3"
+
+
+def published_of(publisher: RecordingPublisher, key: str) -> list[int]:
+    return [e.seq for e in publisher.published if e.key == key]
+
+
+@pytest.mark.parametrize(
+    "batch_size", [100, 3, 2, 1], ids=["one-claim", "pipelined-3", "pipelined-2", "one-by-one"]
+)
+async def test_quarantine_parks_the_rest_of_the_key_in_order_and_other_keys_flow(
+    db: OutboxDb, batch_size: int
+) -> None:
+    ev = await add_keyed(db, PLAN)
+    poison = ev["K2"]
+    recorder = RecordingPublisher()
+    publisher = FaultInjector.scripted(recorder, poison={poison.id})
+    stats = await make_relay(db.store(), publisher, batch_size=batch_size).drain()
+
+    # K: only K1 went out; K2 is dead and holds the key; K3..K5 are parked behind it.
+    assert published_of(recorder, "K") == [ev["K1"].seq]
+    parked = [ev[n] for n in ("K3", "K4", "K5")]
+    assert not {e.id for e in parked} & {e.id for e in recorder.published}
+    # Every other key: all of it, in order.
+    assert published_of(recorder, "A") == seqs([ev["A1"], ev["A2"], ev["A3"]])
+    assert published_of(recorder, "B") == seqs([ev["B1"], ev["B2"], ev["B3"]])
+    assert await db.pending() == []
+
+    dead = await db.dead_letters()
+    assert dead[0].event_id == poison.id  # written first: the parked ones need it there
+    assert (dead[0].holds_key, dead[0].held_behind) == (True, None)
+    assert (dead[0].error_class, dead[0].attempts) == ("MessageRejected", 1)
+    behind = sorted(dead[1:], key=lambda d: d.original_seq)
+    assert [d.event_id for d in behind] == [e.id for e in parked]
+    assert [d.original_seq for d in behind] == seqs(parked)
+    for d in behind:
+        assert (d.key, d.holds_key, d.held_behind) == ("K", True, poison.id)
+        assert (d.error_class, d.attempts) == ("Quarantined", 0)  # parked: never attempted
+    assert (stats.dead_lettered, stats.parked, stats.retried) == (4, 3, 0)
+    # Written in seq order too, pipelined or not: a parked event waits at the key gate like
+    # any other, so a key's dead letters never overtake its pending events.
+    assert [d.original_seq for d in dead] == seqs([poison, *parked])
+
+    # An event of K committed later is parked too; the others still flow.
+    late = await add_keyed(db, "K6 A4")
+    recorder.published.clear()
+    stats = await make_relay(db.store(), publisher, batch_size=batch_size).drain()
+    assert [e.seq for e in recorder.published] == [late["A4"].seq]
+    assert (stats.dead_lettered, stats.parked, stats.delivered) == (1, 1, 1)
+    *_, last = await db.dead_letters()
+    assert (last.event_id, last.original_seq) == (late["K6"].id, late["K6"].seq)
+    assert (last.holds_key, last.held_behind) == (True, poison.id)
+    assert await db.pending() == []
+
+
+@pytest.mark.parametrize(
+    "batch_size", [100, 3, 2, 1], ids=["one-claim", "pipelined-3", "pipelined-2", "one-by-one"]
+)
+async def test_skip_policy_lets_the_key_move_on_past_its_poison_event(
+    db: OutboxDb, batch_size: int
+) -> None:
+    ev = await add_keyed(db, PLAN)
+    poison = ev["K2"]
+    recorder = RecordingPublisher()
+    publisher = FaultInjector.scripted(recorder, poison={poison.id})
+    relay = make_relay(
+        db.store(), publisher, batch_size=batch_size, poison_policy=PoisonPolicy.SKIP
+    )
+    stats = await relay.drain()
+
+    assert published_of(recorder, "K") == seqs([ev[n] for n in ("K1", "K3", "K4", "K5")])
+    assert published_of(recorder, "A") == seqs([ev["A1"], ev["A2"], ev["A3"]])
+    assert published_of(recorder, "B") == seqs([ev["B1"], ev["B2"], ev["B3"]])
+    (dead,) = await db.dead_letters()
+    assert (dead.event_id, dead.holds_key, dead.held_behind) == (poison.id, False, None)
+    assert (stats.dead_lettered, stats.parked, stats.retried) == (1, 0, 0)
+    assert await db.pending() == []
+
+
+async def test_quarantine_also_follows_retries_running_out(db: OutboxDb, clock: FakeClock) -> None:
+    ev = await add_keyed(db, "K1 K2 A1 K3")
+    recorder = RecordingPublisher()
+    publisher = FaultInjector.scripted(recorder, failures={ev["K1"].id: 99})
+    relay = make_relay(db.store(), publisher)  # max_attempts=3, the default policy: quarantine
+    task = asyncio.create_task(relay.run())
+    try:
+        for attempt in (1, 2):
+
+            def retried(stats: RelayStats, n: int = attempt) -> bool:
+                return stats.retried == n and stats.idle
+
+            await relay.wait_for(retried, timeout=5)
+            clock.advance(3600)
+            relay.wake()
+        await relay.wait_for(lambda s: s.dead_lettered == 3 and s.idle, timeout=5)
+    finally:
+        relay.request_stop()
+        await task
+    assert [e.seq for e in recorder.published] == [ev["A1"].seq]
+    first, *behind = await db.dead_letters()
+    assert (first.event_id, first.attempts, first.error_class) == (ev["K1"].id, 3, "InjectedError")
+    assert (first.holds_key, first.held_behind) == (True, None)
+    assert [(d.event_id, d.held_behind, d.attempts) for d in behind] == [
+        (ev["K2"].id, ev["K1"].id, 0),
+        (ev["K3"].id, ev["K1"].id, 0),
+    ]
+    assert relay.stats.parked == 2
+    assert await db.pending() == []
+
+
+async def test_a_retry_holds_the_key_without_counting_attempts_for_the_held(
+    db: OutboxDb, store: TrackedSqliteStore, clock: FakeClock
+) -> None:
+    ev = await add_keyed(db, "K1 A1 K2 K3 A2")
+    recorder = RecordingPublisher()
+    publisher = FaultInjector.scripted(recorder, failures={ev["K1"].id: 1})
+    relay = make_relay(store, publisher)
+    task = asyncio.create_task(relay.run())
+    try:
+        await relay.wait_for(lambda s: s.retried == 1 and s.idle, timeout=5)
+        # Claims keep coming while K1 waits: K2 and K3 are never claimed, nothing more held.
+        claims = store.claims
+        await relay.wait_for(lambda s: s.idle and store.claims >= claims + 3, timeout=5)
+        assert [e.seq for e in recorder.published] == seqs([ev["A1"], ev["A2"]])
+        rows = {row.seq: row for row in await db.pending()}
+        assert list(rows) == seqs([ev["K1"], ev["K2"], ev["K3"]])
+        assert (rows[ev["K1"].seq].attempts, rows[ev["K1"].seq].last_error) == (
+            1,
+            "InjectedError: transient failure (test)",
+        )
+        for name in ("K2", "K3"):
+            held = rows[ev[name].seq]
+            assert (held.attempts, held.last_error, held.first_failed_at) == (0, None, None)
+            assert held.available_at <= clock.now  # not pushed back: only waiting behind K1
+        assert relay.stats.held_back == 2  # K2 and K3, once, in the batch K1 failed in
+        assert (relay.stats.retried, relay.stats.dead_lettered) == (1, 0)
+
+        clock.advance(5)
+        relay.wake()
+        await relay.wait_for(lambda s: s.delivered == 5, timeout=5)
+    finally:
+        relay.request_stop()
+        await task
+    assert published_of(recorder, "K") == seqs([ev["K1"], ev["K2"], ev["K3"]])
+    assert relay.stats.held_back == 2
+    assert relay.stats.retried == 1
+    assert await db.dead_letters() == []
+    assert await db.pending() == []

@@ -16,29 +16,27 @@ from sqlalchemy.orm import Session
 from outbox import BUCKETS, DeadLetter, OutboxEvent, OutboxValidationError
 from outbox.envelope import Envelope
 from outbox.urls import sqlalchemy_async_url
+from relay.ordering import PoisonPolicy
 from relay.relay import Relay, RelayStats
 from relay.retry import RetryPolicy
-from relay.seams import Dead, Failure, PublishResult, Retry, StoreUnavailableError
+from relay.seams import (
+    HELD_BACK,
+    Claim,
+    Dead,
+    Failure,
+    PublishResult,
+    Retry,
+    StoreUnavailableError,
+    Verdict,
+)
 from relay.stores.sqlite import SqliteStore, create_schema
+from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.unit
 
 TOPIC = "orders"
 #: Upper bound for Relay.wait_for; the conditions normally hold within milliseconds.
 WAIT = 5.0
-
-
-class FakeClock:
-    """Starts two seconds ahead of real time, so rows stamped by CURRENT_TIMESTAMP are due."""
-
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 @pytest.fixture
@@ -88,8 +86,18 @@ def add(engine: Engine, *events: OutboxEvent) -> list[int]:
         return [e.seq for e in events]
 
 
-def seqs(batch: Sequence[Envelope]) -> list[int]:
+def seqs(batch: Claim | Sequence[Envelope]) -> list[int]:
+    if isinstance(batch, Claim):
+        assert batch.parked == []  # no key is quarantined here
+        batch = batch.events
     return [e.seq for e in batch]
+
+
+async def claim(store: SqliteStore, limit: int) -> list[Envelope]:
+    """The events of one claim (none parked)."""
+    got = await store.claim(limit)
+    assert got.parked == []
+    return got.events
 
 
 def pending(engine: Engine) -> list[int]:
@@ -118,7 +126,7 @@ async def test_claim_returns_available_events_in_seq_order(
     added = add(engine, first, event("b"), event(None), event("a"), event("c"))
 
     assert seqs(await store.claim(3)) == added[:3]
-    batch = await store.claim(100)
+    batch = await claim(store, 100)
     assert seqs(batch) == added  # a claim changes nothing: the same events until settled
 
     head = batch[0]
@@ -142,7 +150,7 @@ async def test_a_key_waits_behind_its_retry(
     clock.advance(29.9)
     assert seqs(await store.claim(100)) == [b1, keyless]
     clock.advance(0.1)
-    batch = await store.claim(100)
+    batch = await claim(store, 100)
     assert seqs(batch) == [a1, b1, a2, keyless]
     assert batch[0].attempts == 1
 
@@ -316,8 +324,9 @@ def test_outbox_event_validation_is_the_same_on_sqlite(engine: Engine) -> None:
 
 
 class ScriptedPublisher:
-    """Answers each event with `answer(event)`; holds back later events of a key that failed
-    retriably, as the Publisher contract requires. Records what it delivered, in order."""
+    """Answers each event with `answer(event)`; once an event of a key is not delivered, holds
+    back the later events of that key in the batch (HELD_BACK), as the Publisher contract
+    requires. Records what it delivered, in order."""
 
     name = "scripted"
 
@@ -333,22 +342,27 @@ class ScriptedPublisher:
 
     async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
         results: list[PublishResult] = []
-        blocked: set[str | None] = set()
+        blocked: set[str] = set()
         for e in batch:
             if e.key is not None and e.key in blocked:
-                results.append(Failure("HeldBack", "earlier event failed", counted=False))
+                results.append(HELD_BACK)
                 continue
             result = self.answer(e)
             if result is None:
                 self.delivered.append(e.seq)
-            elif result.retriable:
+            elif e.key is not None:
                 blocked.add(e.key)
             results.append(result)
         return results
 
 
 def relay_for(
-    url: str, clock: FakeClock, publisher: ScriptedPublisher, *, max_attempts: int = 10
+    url: str,
+    clock: FakeClock,
+    publisher: ScriptedPublisher,
+    *,
+    max_attempts: int = 10,
+    poison_policy: PoisonPolicy = PoisonPolicy.QUARANTINE,
 ) -> Relay:
     """Every retry waits exactly 10 s of the injected clock."""
     return Relay(
@@ -359,6 +373,7 @@ def relay_for(
         retry_policy=RetryPolicy(
             base_seconds=10.0, factor=1.0, jitter=0.0, max_attempts=max_attempts
         ),
+        poison_policy=poison_policy,
     )
 
 
@@ -428,15 +443,17 @@ async def test_relay_dead_letters_after_max_attempts(
 async def test_relay_dead_letters_a_non_retriable_failure_at_once(
     url: str, engine: Engine, clock: FakeClock
 ) -> None:
+    """Under the skip policy, the key moves on past its poison event (quarantine, the default,
+    is tested in tests/test_relay_loop.py)."""
     poison, a2, b1 = add(engine, event("a", event_type="PoisonPill"), event("a"), event("b"))
 
     def answer(e: Envelope) -> PublishResult:
         if e.event_type == "PoisonPill":
-            return Failure("MessageRejected", "refused", retriable=False)
+            return Failure("MessageRejected", "refused", Verdict.POISON)
         return None
 
     publisher = ScriptedPublisher(answer)
-    relay = relay_for(url, clock, publisher)
+    relay = relay_for(url, clock, publisher, poison_policy=PoisonPolicy.SKIP)
     task = asyncio.create_task(relay.run())
     try:
         await relay.wait_for(lambda s: s.dead_lettered == 1 and s.delivered == 2, WAIT)
@@ -444,8 +461,10 @@ async def test_relay_dead_letters_a_non_retriable_failure_at_once(
         await stop(relay, task)
 
     assert relay.stats.retried == 0
-    assert publisher.delivered == [a2, b1]
+    # a2 was held back in the poison event's batch (the Publisher contract), then sent.
+    assert publisher.delivered == [b1, a2]
     assert pending(engine) == []
     (dead,) = dead_letters(engine)
     assert (dead.original_seq, dead.attempts, dead.error_class) == (poison, 1, "MessageRejected")
+    assert (dead.holds_key, dead.held_behind) == (False, None)
     assert dead.first_failed_at == dead.last_failed_at == clock.now
