@@ -15,7 +15,7 @@ from outbox.envelope import Envelope
 from relay.ordering import PoisonPolicy
 from relay.relay import Relay, RelayStats
 from relay.retry import CircuitBreaker, PollPacer, RetryPolicy
-from relay.seams import PublishResult
+from relay.seams import Claim, Failure, PublishResult, Verdict
 from relay.stores.sqlite import SqliteStore
 from relay.testing import FaultInjector
 from tests.fakes import FakeClock, OutboxDb, RecordingPublisher, TrackedSqliteStore
@@ -428,3 +428,122 @@ async def test_a_retry_holds_the_key_without_counting_attempts_for_the_held(
     assert relay.stats.retried == 1
     assert await db.dead_letters() == []
     assert await db.pending() == []
+
+
+# -- failures in the pipeline: a prefetched batch, a broker outage, a partial broker refusal ---
+
+
+class PrefetchGate(TrackedSqliteStore):
+    """Lets a test hold the first publish until the next claim (the prefetch) has returned."""
+
+    def __init__(self, db: OutboxDb) -> None:
+        super().__init__(db.url, clock=db.clock)
+        self.prefetched = asyncio.Event()
+
+    async def claim(self, limit: int, exclude: Sequence[int] = ()) -> Claim:
+        claim = await super().claim(limit, exclude)
+        if self.claims >= 2:
+            self.prefetched.set()
+        return claim
+
+
+class WaitsForPrefetch(RecordingPublisher):
+    def __init__(self, store: PrefetchGate) -> None:
+        super().__init__()
+        self.store = store
+
+    async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
+        await self.store.prefetched.wait()
+        return await super().publish(batch)
+
+
+async def test_a_failure_in_a_prefetched_batch_while_the_previous_batch_retries(
+    db: OutboxDb, clock: FakeClock
+) -> None:
+    ev = await add_keyed(db, "A1 B1 C1 A2 D1 B2 D2")
+    store = PrefetchGate(db)
+    recorder = WaitsForPrefetch(store)
+    publisher = FaultInjector.scripted(recorder, failures={ev["A1"].id: 1}, poison={ev["D1"].id})
+    relay = make_relay(store, publisher, batch_size=3)
+    task = asyncio.create_task(relay.run())
+    await relay.wait_for(lambda s: s.retried == 1 and s.dead_lettered == 2 and s.idle, timeout=5)
+    # The second batch was claimed while A1 was being published: A2 waited at the gate, the
+    # poison D1 quarantined D (D2 parked behind it), B went on.
+    assert store.claims >= 2
+    assert [e.seq for e in recorder.published] == seqs([ev["B1"], ev["C1"], ev["B2"]])
+    assert (await db.row(ev["A2"].seq)).attempts == 0
+    dead = await db.dead_letters()
+    assert [(d.event_id, d.held_behind) for d in dead] == [
+        (ev["D1"].id, None),
+        (ev["D2"].id, ev["D1"].id),
+    ]
+    clock.advance(5)
+    relay.wake()
+    await relay.wait_for(lambda s: s.delivered == 5, timeout=5)
+    relay.request_stop()
+    await task
+    assert published_of(recorder, "A") == seqs([ev["A1"], ev["A2"]])
+    assert relay.stats.retried == 1
+
+
+async def test_a_poison_event_during_a_broker_outage_costs_nothing_until_the_broker_is_back(
+    db: OutboxDb, store: TrackedSqliteStore
+) -> None:
+    ev = await add_keyed(db, "K1 A1 K2 A2")
+    recorder = RecordingPublisher()
+    recorder.down = True
+    publisher = FaultInjector.scripted(recorder, poison={ev["K1"].id})
+    relay = make_relay(store, publisher)
+    relay._breaker = CircuitBreaker(base_seconds=0.01, max_seconds=0.02)
+    task = asyncio.create_task(relay.run())
+    await relay.wait_for(lambda s: s.broker_failures >= 3, timeout=5)
+    # Down: the poison verdict of the batch never counts, nothing moves.
+    assert [e.attempts for e in await db.pending()] == [0, 0, 0, 0]
+    assert await db.dead_letters() == []
+    recorder.down = False
+    await relay.wait_for(lambda s: s.delivered == 2 and s.dead_lettered == 2, timeout=5)
+    relay.request_stop()
+    await task
+    assert [e.seq for e in recorder.published] == seqs([ev["A1"], ev["A2"]])
+    dead = await db.dead_letters()
+    assert [(d.event_id, d.attempts, d.held_behind) for d in dead] == [
+        (ev["K1"].id, 1, None),
+        (ev["K2"].id, 0, ev["K1"].id),
+    ]
+
+
+class RefusesWhileFull(RecordingPublisher):
+    """A broker that accepts only the first `room` events, then refuses for its own state."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+
+    async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
+        taken = batch[: self.room]
+        self.room -= len(taken)
+        await super().publish(taken)
+        full = Failure("OutOfMemoryError", "OOM command not allowed", Verdict.BROKER)
+        return [None] * len(taken) + [full] * (len(batch) - len(taken))
+
+
+async def test_a_partial_broker_refusal_keeps_what_was_acked_and_counts_nothing(
+    db: OutboxDb, store: TrackedSqliteStore
+) -> None:
+    ev = await add_keyed(db, "A1 B1 A2 C1")
+    publisher = RefusesWhileFull(room=2)
+    relay = make_relay(store, publisher)
+    relay._breaker = CircuitBreaker(base_seconds=0.01, max_seconds=0.02)
+    task = asyncio.create_task(relay.run())
+    await relay.wait_for(lambda s: s.broker_failures >= 2, timeout=5)
+    assert [e.seq for e in publisher.published] == seqs([ev["A1"], ev["B1"]])
+    assert [(e.seq, e.attempts) for e in await db.pending()] == [
+        (ev["A2"].seq, 0),
+        (ev["C1"].seq, 0),
+    ]
+    publisher.room = 10  # memory freed
+    await relay.wait_for(lambda s: s.delivered == 4, timeout=5)
+    relay.request_stop()
+    await task
+    assert [e.seq for e in publisher.published] == seqs(list(ev.values()))
+    assert relay.stats.retried == relay.stats.dead_lettered == 0
