@@ -207,8 +207,9 @@ class DeadLetter(OutboxBase):
     )
 
     dead_letter_id: Mapped[int] = mapped_column(SeqColumn, Identity(), primary_key=True)
-    #: The event's original id (`outbox_events.id`), unique here.
-    event_id: Mapped[uuid.UUID] = mapped_column(Uuid(), nullable=False, unique=True)
+    #: The event's original id (`outbox_events.id`). Not unique: two events written with the
+    #: same id must both be able to land here (a unique key crash-looped the relay).
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid(), nullable=False, index=True)
     original_seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
     topic: Mapped[str] = mapped_column(Text, nullable=False)
     key: Mapped[str | None] = mapped_column(Text)

@@ -4,6 +4,7 @@ keep per-key order the same way, so they cannot drift apart."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -310,3 +311,20 @@ async def test_enqueue_flushes_pending_orm_rows_first(backend: Backend) -> None:
     await engine.dispose()
     claimed = (await backend.store.claim(10)).events
     assert [json.loads(e.payload)["n"] for e in claimed] == [1, 2, 3, 4]
+
+
+async def test_two_dead_events_with_one_id_do_not_crash_the_relay(backend: Backend) -> None:
+    twin = uuid.uuid4()
+    *_, other = await backend.add(event("a", 1, id=twin), event("b", 2, id=twin), event("c", 3))
+    recorder = RecordingPublisher()
+    relay = Relay(
+        backend.store,
+        FaultInjector.scripted(recorder, poison={twin}),
+        relay_id="contract",
+        poll_interval=0.01,
+    )
+    stats = await relay.drain()  # raises if the relay crashed
+    assert stats.dead_lettered == 2
+    assert [e.id for e in recorder.published] == [other.id]
+    dead = sorted(await backend.dead_letters(), key=lambda d: d.original_seq)
+    assert [(d.event_id, d.key) for d in dead] == [(twin, "a"), (twin, "b")]

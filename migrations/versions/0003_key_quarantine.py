@@ -4,6 +4,7 @@
   are parked behind it); `held_behind`: the poison event a parked event waits behind.
 - `ix_outbox_dead_letters_quarantine`: the claim's "is this key held?" probe, over the held
   rows only.
+- `outbox_dead_letters.event_id` is no longer unique (an index instead).
 - `ix_outbox_events_waiting_key` replaces `ix_outbox_events_waiting`: the claim's "has this key
   an earlier waiting event?" probe, over waiting rows only (a plain insert pays nothing for
   it). With a single partial index over waiting rows the planner cannot pick the
@@ -27,6 +28,10 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    # Two events written with one id (nothing forbids it in outbox_events) could not both be
+    # dead-lettered: the second move failed on this key and crash-looped the relay.
+    op.drop_constraint("uq_outbox_dead_letters_event_id", "outbox_dead_letters", type_="unique")
+    op.create_index("ix_outbox_dead_letters_event_id", "outbox_dead_letters", ["event_id"])
     op.add_column(
         "outbox_dead_letters",
         sa.Column("holds_key", sa.Boolean(), server_default=sa.false(), nullable=False),
@@ -66,3 +71,7 @@ def downgrade() -> None:
     )
     op.drop_column("outbox_dead_letters", "held_behind")
     op.drop_column("outbox_dead_letters", "holds_key")
+    op.drop_index("ix_outbox_dead_letters_event_id", table_name="outbox_dead_letters")
+    op.create_unique_constraint(
+        "uq_outbox_dead_letters_event_id", "outbox_dead_letters", ["event_id"]
+    )

@@ -22,14 +22,21 @@ from relay.sql import QUERIES
 log = structlog.get_logger("relay.store")
 
 NOTIFY_CHANNEL = "outbox_events"
-#: Errors that mean "the database is not reachable now", not "this statement is wrong".
+#: Errors that mean "the database cannot serve us now", not "this statement is wrong": the loop
+#: backs off and tries again. Connections dropped, refused or closed mid-query (asyncpg then
+#: sometimes raises InternalClientError "cannot switch to state", a known asyncpg issue), a
+#: statement timeout or a cancel, a shutdown, the connection limit, out of memory or disk,
+#: a deadlock or serialization failure, a lock timeout.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
+    TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    TimeoutError,
+    asyncpg.InternalClientError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.LockNotAvailableError,
 )
 
 

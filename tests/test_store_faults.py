@@ -1,0 +1,112 @@
+"""The store where it really fails: Postgres connections killed while the relay's queries run,
+statements cancelled by a statement timeout, and the role's connection limit reached. The
+relay backs off and goes on; it never crashes and never loses or reorders an event."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from outbox.urls import asyncpg_dsn
+from relay.retry import CircuitBreaker
+from tests.fakes import RecordingPublisher
+from tests.helpers import assert_per_key_order, commit_events, keyed_events, pg_relay
+
+pytestmark = pytest.mark.postgres
+
+RELAY_BACKENDS = (
+    "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name LIKE 'outbox-relay%'"
+)
+
+
+async def killer(database_url: str, *, active_only: bool, every: float) -> int:
+    """Terminate the relay's backends (only while they run a query, with `active_only`) until
+    cancelled; returns how many it killed."""
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    dbname = database_url.rsplit("/", 1)[1]
+    query = RELAY_BACKENDS + (" AND state = 'active'" if active_only else "")
+    killed = 0
+    try:
+        while True:
+            for row in await conn.fetch(query, dbname):
+                killed += bool(await conn.fetchval("SELECT pg_terminate_backend($1)", row["pid"]))
+            await asyncio.sleep(every)
+    except asyncio.CancelledError:
+        return killed
+    finally:
+        await conn.close()
+
+
+async def test_connections_killed_mid_query_on_a_busy_relay(
+    database_url: str, pg: asyncpg.Connection
+) -> None:
+    events = keyed_events("t", keys=50, per_key=200)  # 10,000 events
+    await commit_events(database_url, events)
+    publisher = RecordingPublisher()
+    relay = pg_relay(database_url, publisher, batch_size=50)
+    relay._breaker = CircuitBreaker(base_seconds=0.01, max_seconds=0.05)
+    task = asyncio.create_task(relay.run())
+    kills = asyncio.create_task(killer(database_url, active_only=True, every=0.005))
+    try:
+        await relay.wait_for(lambda s: s.store_failures >= 5, timeout=60)
+        kills.cancel()
+        killed = await kills
+        await relay.wait_for(lambda s: s.idle and s.delivered >= len(events), timeout=60)
+    finally:
+        kills.cancel()
+        relay.request_stop()
+        await task  # raises if the relay crashed
+    assert killed >= 5
+    assert not await pg.fetchval("SELECT count(*) FROM outbox_events")
+    assert {e.id for e in publisher.published} == {e.id for e in events}
+    assert_per_key_order(publisher.published)
+
+
+async def test_statement_timeout_and_connection_limit_are_outages_not_crashes(
+    database_url: str, pg: asyncpg.Connection
+) -> None:
+    events = keyed_events("t", keys=5, per_key=20)
+    await commit_events(database_url, events)
+    dbname = database_url.rsplit("/", 1)[1]
+    # A role of its own (the test server's `outbox` role is a superuser, whom no connection
+    # limit binds), with what a relay needs.
+    role = f"relay_{uuid.uuid4().hex[:8]}"
+    await pg.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'relay'")
+    await pg.execute(
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"
+    )
+    await pg.execute(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    parts = urlsplit(database_url)
+    relay_url = urlunsplit(parts._replace(netloc=f"{role}:relay@{parts.hostname}:{parts.port}"))
+    # Every statement of the role times out at once.
+    await pg.execute(f"ALTER ROLE {role} SET statement_timeout = 1")
+    publisher = RecordingPublisher()
+    relay = pg_relay(relay_url, publisher, batch_size=10)
+    task = asyncio.create_task(relay.run())
+    try:
+        await relay.wait_for(lambda s: s.store_failures >= 2, timeout=30)
+        assert relay.stats.delivered == 0
+        # Then the role may open no connection, and its connections are dropped.
+        await pg.execute(f"ALTER ROLE {role} RESET statement_timeout")
+        await pg.execute(f"ALTER ROLE {role} CONNECTION LIMIT 0")
+        for row in await pg.fetch(RELAY_BACKENDS, dbname):
+            await pg.execute("SELECT pg_terminate_backend($1)", row["pid"])
+        failures = relay.stats.store_failures
+        await relay.wait_for(lambda s: s.store_failures >= failures + 2, timeout=30)
+        await pg.execute(f"ALTER ROLE {role} CONNECTION LIMIT -1")
+        await relay.wait_for(lambda s: s.delivered == len(events), timeout=60)
+    finally:
+        relay.request_stop()
+        await task
+        await pg.execute(f"ALTER ROLE {role} CONNECTION LIMIT -1")
+        for row in await pg.fetch("SELECT pid FROM pg_stat_activity WHERE usename = $1", role):
+            await pg.execute("SELECT pg_terminate_backend($1)", row["pid"])
+        await pg.execute(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}")
+        await pg.execute(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}")
+        await pg.execute(f"DROP ROLE {role}")
+    assert_per_key_order(publisher.published)
+    assert {e.id for e in publisher.published} == {e.id for e in events}
