@@ -12,6 +12,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from outbox import OutboxEvent
@@ -114,6 +116,55 @@ async def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 60
     finally:
         await consumer.stop()
     return out
+
+
+async def create_topic(
+    bootstrap: str, name: str, partitions: int = 3, configs: dict[str, str] | None = None
+) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=configs or {})])
+    finally:
+        await admin.close()
+
+
+async def read_all(
+    bootstrap: str, topic: str, partitions: int = 3, timeout: float = 60
+) -> list[Envelope]:
+    """Every record of a topic (duplicates included), up to its end offsets now."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None
+    )
+    await consumer.start()
+    out: list[Envelope] = []
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    try:
+        async with asyncio.timeout(timeout):
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+
+            async def behind() -> bool:
+                return any([await consumer.position(tp) < ends[tp] for tp in tps])
+
+            while await behind():
+                batches = await consumer.getmany(timeout_ms=500)
+                for records in batches.values():
+                    out.extend(
+                        Envelope.from_kafka(r.topic, r.key, r.value, r.headers) for r in records
+                    )
+    finally:
+        await consumer.stop()
+    return out
+
+
+def first_seen_order(received: list[Envelope]) -> list[Envelope]:
+    """The records in the order each event first appeared (resent duplicates dropped)."""
+    seen: dict[uuid.UUID, Envelope] = {}
+    for event in received:
+        seen.setdefault(event.id, event)
+    return list(seen.values())
 
 
 def assert_per_key_order(received: Sequence[Envelope]) -> None:

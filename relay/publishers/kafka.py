@@ -1,78 +1,312 @@
-"""Kafka publisher: an idempotent aiokafka producer with acks=all; only acked events count."""
+"""Kafka publisher: an idempotent aiokafka producer with acks=all; only acked events count.
+
+How it fails (the table of error classes and verdicts is in docs/errors.md, "Kafka"):
+
+- Outage. A producer is never left running against a broker that is gone: aiokafka would retry
+  in a tight loop (100% CPU, tens of thousands of log lines a second) and expire batches, which
+  leaves gaps in the idempotent sequence. While acks are late, a watchdog probes the brokers'
+  ports; when none answers (or no ack came within the deadline), the producer is killed, the
+  unacked events are answered BROKER and the loop opens its circuit breaker. The next publish
+  (the breaker's probe) starts a fresh producer: a new producer id, sequences from 0.
+- A batch the broker failed. aiokafka numbers batches when it sends them and never takes the
+  number back: after one failed batch every later batch of its partition fails with
+  OutOfOrderSequenceNumber. So after any failed batch the producer is replaced, and the events
+  that failed through no fault of their own (sequence errors) are resent at once (HELD if the
+  rounds run out; no attempt counted).
+- Too large. aiokafka never splits a batch: when the broker refuses one as too large, its
+  records are sent again one by one, each in a batch of its own and acked before the next;
+  only a record refused on its own is POISON. A topic that needed this gets one-record batches
+  for a while. Big records (over half the batch size) always go alone, acked before anything
+  later of their key is sent: if the broker refuses one, nothing after it of its key is out.
+- Topics. The topics of a batch that the producer does not know yet are looked up together, in
+  one metadata request, before anything is sent. An invalid name is POISON at once; a topic
+  still missing after `topic_wait_seconds` is POISON (auto-create off); the error names it.
+- Per-key order. A key stops at its first event that is not delivered: later events of the key
+  are HELD_BACK, also when the failure came asynchronously with the ack.
+
+aiokafka's own loggers are rate limited (one line per message template per 30 s).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import logging
+import random
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import (
-    KafkaConnectionError,
-    KafkaError,
-    KafkaTimeoutError,
-    NodeNotReadyError,
-    RequestTimedOutError,
-)
+from aiokafka import errors as ke
 from aiokafka.partitioner import murmur2
+from aiokafka.protocol.metadata import MetadataRequest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from outbox.envelope import Envelope
 from relay.seams import HELD_BACK, BrokerUnavailableError, Failure, PublishResult, Verdict
 
 log = structlog.get_logger("relay.kafka")
 
-#: Failures that say "the broker is not there", not "this event is bad".
-BROKER_DOWN = (
-    KafkaConnectionError,
-    KafkaTimeoutError,
-    NodeNotReadyError,
-    RequestTimedOutError,
-    ConnectionError,
-    TimeoutError,
+
+# -- classification --------------------------------------------------------------------------
+
+
+class Kind(enum.Enum):
+    """What a Kafka error says, before it becomes a verdict."""
+
+    #: The broker (or the path to it) is down, overloaded or misconfigured: BROKER.
+    BROKER = "broker"
+    #: The producer's idempotence state is broken (sequence gap, unknown or fenced producer
+    #: id): not the event's fault; the producer is replaced and the event resent: HELD.
+    SEQUENCE = "sequence"
+    #: The partition had no leader, or the topic went away, for longer than the producer
+    #: waits: HELD (resent later; the producer is replaced, since the batch used a sequence).
+    PARTITION = "partition"
+    #: The record (or its batch) was refused as it is: POISON when the record was alone in
+    #: its batch, otherwise it is sent again alone.
+    RECORD = "record"
+    #: The topic cannot take any event (invalid name, not authorized, refused by a policy):
+    #: POISON for the events of that topic only.
+    TOPIC = "topic"
+    #: Anything else, perhaps transient: RETRY (attempt counted, backoff).
+    RETRY = "retry"
+
+
+#: Error classes by what they say. Checked in this order; anything not listed is RETRY.
+KINDS: tuple[tuple[Kind, tuple[type[BaseException], ...]], ...] = (
+    (
+        Kind.SEQUENCE,
+        (
+            ke.OutOfOrderSequenceNumber,
+            ke.UnknownProducerId,
+            ke.InvalidProducerEpoch,
+            ke.InvalidProducerIdMapping,
+            ke.ProducerFenced,
+            ke.DuplicateSequenceNumber,
+            ke.InvalidTxnState,
+            ke.TransactionCoordinatorFenced,
+            ke.ProducerClosed,
+        ),
+    ),
+    (
+        Kind.PARTITION,
+        (
+            ke.NotLeaderForPartitionError,
+            ke.LeaderNotAvailableError,
+            ke.UnknownTopicOrPartitionError,
+            ke.StaleLeaderEpochCodeError,
+        ),
+    ),
+    (
+        Kind.RECORD,
+        (
+            ke.MessageSizeTooLargeError,
+            ke.RecordListTooLargeError,
+            ke.RecordTooLargeError,
+            ke.CorruptRecordException,  # also known as InvalidMessageError
+            ke.UnsupportedForMessageFormatError,
+            ke.InvalidRequestError,
+        ),
+    ),
+    (
+        Kind.TOPIC,
+        (ke.InvalidTopicError, ke.TopicAuthorizationFailedError, ke.PolicyViolationError),
+    ),
+    (
+        Kind.BROKER,
+        (
+            ke.KafkaConnectionError,
+            ke.NodeNotReadyError,
+            ke.RequestTimedOutError,
+            ke.KafkaTimeoutError,
+            ke.NotEnoughReplicasError,
+            ke.NotEnoughReplicasAfterAppendError,
+            ke.KafkaStorageError,
+            ke.BrokerNotAvailableError,
+            ke.ReplicaNotAvailableError,
+            ke.NotControllerError,
+            ke.CoordinatorNotAvailableError,
+            ke.CoordinatorLoadInProgressError,
+            ke.NotCoordinatorError,
+            ke.ClusterAuthorizationFailedError,
+            ke.TransactionalIdAuthorizationFailed,
+            ke.UnsupportedVersionError,
+            ke.IncompatibleBrokerVersion,
+            ke.UnrecognizedBrokerVersion,
+            ke.InvalidRequiredAcksError,
+            ke.KafkaUnavailableError,
+            ke.NoBrokersAvailable,
+            ke.MetadataEmptyBrokerList,
+            ke.StaleMetadata,
+            ke.TooManyInFlightRequests,
+            ke.KafkaProtocolError,
+            ke.AuthenticationFailedError,
+            ke.AuthenticationMethodNotSupported,
+            ke.SaslAuthenticationFailed,
+            ke.IllegalSaslStateError,
+            ke.UnsupportedSaslMechanismError,
+            ke.SecurityDisabled,
+            ke.UnsupportedCodecError,
+            ke.KafkaConfigurationError,
+            BrokerUnavailableError,
+            ConnectionError,
+            TimeoutError,
+            OSError,
+        ),
+    ),
 )
 
+#: Kept for callers of the old module: the errors that mean "the broker is not there".
+BROKER_DOWN = next(classes for kind, classes in KINDS if kind is Kind.BROKER)
 
-def classify(exc: BaseException) -> Failure:
-    """Retriable Kafka errors are retried with backoff; anything else is poison."""
-    retriable = isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
-    retriable = retriable or isinstance(exc, BROKER_DOWN)
-    return Failure.of(exc, Verdict.RETRY if retriable else Verdict.POISON)
+_VERDICTS = {
+    Kind.BROKER: Verdict.BROKER,
+    Kind.SEQUENCE: Verdict.HELD,
+    Kind.PARTITION: Verdict.HELD,
+    Kind.RECORD: Verdict.POISON,
+    Kind.TOPIC: Verdict.POISON,
+    Kind.RETRY: Verdict.RETRY,
+}
 
 
-class _NotStarted:
-    """Stands in for the producer before start(): a clear error instead of None checks."""
+class ProducerAborted(ke.KafkaError):  # type: ignore[misc]
+    """Set on every pending send when the publisher kills its producer (broker unreachable,
+    no ack in time); the events are answered BROKER."""
 
-    async def send(self, *_: Any, **__: Any) -> Any:
-        raise RuntimeError("KafkaPublisher.start() was not called")
 
-    async def stop(self) -> None:
-        return None
+def kind_of(exc: BaseException) -> Kind:
+    if isinstance(exc, ProducerAborted):
+        return Kind.BROKER
+    for kind, classes in KINDS:
+        if isinstance(exc, classes):
+            return kind
+    return Kind.RETRY
 
-    async def partitions_for(self, _: str) -> set[int]:
-        raise RuntimeError("KafkaPublisher.start() was not called")
+
+#: What the common errors mean, for the dead letter's message.
+EXPLAIN: dict[type[BaseException], str] = {
+    ke.MessageSizeTooLargeError: "larger than the broker's message.max.bytes "
+    "(or the topic's max.message.bytes)",
+    ke.RecordListTooLargeError: "larger than the broker accepts in one request",
+    ke.OutOfOrderSequenceNumber: "a gap in the producer's sequence after an earlier failed batch",
+    ke.UnknownProducerId: "the broker no longer knows the producer id",
+    ke.InvalidProducerEpoch: "the producer was fenced",
+    ke.NotLeaderForPartitionError: "the partition had no leader for the whole request timeout",
+    ke.InvalidTopicError: "not a valid topic name",
+    ke.TopicAuthorizationFailedError: "not authorized to write to the topic",
+}
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc)
+    if not text or text == type(exc).__name__:
+        text = repr(exc)
+    for cls, meaning in EXPLAIN.items():
+        if isinstance(exc, cls):
+            return f"{text}: {meaning}"
+    return text
+
+
+def classify(exc: BaseException, context: str = "") -> Failure:
+    """The verdict for an event whose send failed with `exc`, the record alone in its batch.
+    `context` (topic, size) is added to the message."""
+    message = describe(exc) + (f" ({context})" if context else "")
+    return Failure(type(exc).__name__, message, _VERDICTS[kind_of(exc)])
+
+
+def hold_back_after_failures(batch: Sequence[Envelope], results: list[PublishResult]) -> int:
+    """The per-key contract on a finished batch: once an event of a key is not delivered, no
+    later event of the key counts as delivered. Such events become HELD_BACK (they are sent
+    again after the earlier one); returns how many the broker had acked all the same (they will
+    be on the topic twice, after the earlier event's first copy, if any)."""
+    if results.count(None) == len(results):
+        return 0  # all delivered: the usual case, checked in C
+    failed: set[str] = set()
+    violations = 0
+    for i, event in enumerate(batch):
+        key = event.key
+        if key is None:
+            continue
+        result = results[i]
+        if key in failed:
+            if result is None:
+                violations += 1
+                results[i] = HELD_BACK
+        elif result is not None:
+            failed.add(key)
+    return violations
+
+
+# -- aiokafka's loggers ------------------------------------------------------------------------
+
+
+class RateLimitFilter(logging.Filter):
+    """Lets one record per (logger, message template) through every `interval` seconds; the
+    next one that passes says how many were dropped. DEBUG records are not limited."""
+
+    def __init__(self, interval: float = 30.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last: dict[tuple[str, str], float] = {}
+        self._dropped: dict[tuple[str, str], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.INFO:
+            return True
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._dropped[key] = self._dropped.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        dropped = self._dropped.pop(key, 0)
+        if dropped and last is not None and isinstance(record.msg, str):
+            record.msg += f" [{dropped} more like this in the last {now - last:.0f}s]"
+        return True
+
+
+#: The loggers aiokafka's producer writes to.
+AIOKAFKA_LOGGERS = (
+    "aiokafka",
+    "aiokafka.conn",
+    "aiokafka.cluster",
+    "aiokafka.producer.producer",
+    "aiokafka.producer.sender",
+    "aiokafka.producer.message_accumulator",
+    "aiokafka.producer.transaction_manager",
+    "aiokafka.util",
+)
+_log_filter = RateLimitFilter()
+
+
+def quiet_aiokafka_logs() -> None:
+    """Rate-limit aiokafka's loggers (idempotent). During an outage aiokafka logs every failed
+    connection and metadata update; one line per kind every 30 s is enough."""
+    for name in AIOKAFKA_LOGGERS:
+        logger = logging.getLogger(name)
+        if _log_filter not in logger.filters:
+            logger.addFilter(_log_filter)
+
+
+# -- the publisher -----------------------------------------------------------------------------
 
 
 class _KeyPartitions:
     """Kafka's default key → partition mapping (murmur2, as the Java client), memoised.
 
     aiokafka hashes every message in pure Python (an eighth of the relay's CPU in profiles);
-    keys repeat, so each is hashed once per partition count. Counts are re-read every 30 s."""
+    keys repeat, so each is hashed once per partition count."""
 
-    REFRESH_SECONDS = 30.0
     MAX_KEYS = 100_000
 
     def __init__(self) -> None:
-        self._counts: dict[str, tuple[int, float]] = {}
         self._by_key: dict[tuple[bytes, int], int] = {}
 
-    async def partition(self, producer: Any, topic: str, key: bytes) -> int:
-        now = asyncio.get_running_loop().time()
-        count, read_at = self._counts.get(topic, (0, 0.0))
-        if not count or now - read_at > self.REFRESH_SECONDS:
-            count = len(await producer.partitions_for(topic))
-            self._counts[topic] = (count, now)
+    def partition(self, key: bytes, count: int) -> int:
         found = self._by_key.get((key, count))
         if found is None:
             if len(self._by_key) >= self.MAX_KEYS:
@@ -84,12 +318,19 @@ class _KeyPartitions:
 class KafkaPublisher:
     name = "kafka"
 
+    #: Send rounds per publish: the first, then resends after a replaced producer.
+    MAX_ROUNDS = 3
+    #: How long a topic that refused multi-record batches gets one-record batches.
+    ONE_BY_ONE_SECONDS = 600.0
+
     def __init__(
         self,
         bootstrap_servers: str,
         *,
         topic_prefix: str = "",
         request_timeout_ms: int = 15_000,
+        topic_wait_seconds: float = 2.0,
+        probe_interval: float = 0.25,
         **producer_options: Any,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
@@ -104,85 +345,639 @@ class KafkaPublisher:
             "client_id": "outbox-relay",
             **producer_options,
         }
-        self._ack_timeout = request_timeout_ms / 1000 + 5
-        self._producer: AIOKafkaProducer | _NotStarted = _NotStarted()
-        self._broken = False
+        self._request_timeout = request_timeout_ms / 1000
+        #: Our own deadline for the acks of a batch (aiokafka would retry for ever).
+        self._ack_timeout = self._request_timeout + 5
+        self._topic_wait = topic_wait_seconds
+        self._probe_interval = probe_interval
+        self._producer: Any = None
+        self._dirty = False
+        self._disposals: set[asyncio.Task[None]] = set()
         self._partitions = _KeyPartitions()
+        #: Topics the broker called invalid (a name stays invalid).
+        self._invalid_topics: dict[str, Failure] = {}
+        #: Topics found missing: when first, and when last asked.
+        self._missing_since: dict[str, float] = {}
+        self._missing_checked: dict[str, tuple[float, Failure]] = {}
+        #: Topics that refused multi-record batches as too large: until when to send one by one.
+        self._one_by_one: dict[str, float] = {}
+        #: Why the current publish's producer was killed (None while it lives).
+        self._abort_reason: str | None = None
+        #: The topics of the batch being published (a producer started meanwhile loads them).
+        self._topics_in_use: set[str] = set()
+        #: Records with a payload larger than this are sent alone, acked before what follows.
+        self._big_record = int(self._options["max_batch_size"]) // 2
+        quiet_aiokafka_logs()
+
+    # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, **self._options)
-        try:
-            await producer.start()
-        except BROKER_DOWN as exc:
-            with contextlib.suppress(Exception):
-                await producer.stop()
-            raise BrokerUnavailableError(f"kafka {self.bootstrap_servers}: {exc!r}") from exc
-        self._producer = producer
-        self._broken = False
+        if self._producer is None:
+            await self._start_producer()
 
     async def stop(self) -> None:
-        producer, self._producer = self._producer, _NotStarted()
-        await producer.stop()  # flushes what is still buffered
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                await asyncio.wait_for(producer.stop(), 5)  # flushes what is still buffered
+            except Exception:  # noqa: BLE001 - a stuck stop must not keep the relay up
+                self._kill(producer, "stop failed")
+            except BaseException:
+                self._kill(producer, "stop cancelled")
+                raise
+        await self._await_disposals()
 
-    async def _restart(self) -> None:
-        old, self._producer = self._producer, _NotStarted()
+    def _new_producer(self) -> Any:
+        return AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, **self._options)
+
+    async def _start_producer(self) -> Any:
+        await self._await_disposals()  # the last producer is really gone before a new one
+        producer = self._new_producer()
+        try:
+            await asyncio.wait_for(producer.start(), self._request_timeout)
+        except BaseException as exc:  # whatever it is, there is no producer
+            self._kill(producer, "start failed")
+            if not isinstance(exc, Exception):
+                raise  # cancelled
+            if isinstance(exc, asyncio.TimeoutError):
+                exc = TimeoutError(f"no producer id within {self._request_timeout:.0f}s")
+            raise BrokerUnavailableError(f"kafka {self.bootstrap_servers}: {exc!r}") from exc
+        if self._topics_in_use:
+            # A fresh producer within a publish: one metadata request for the batch's topics,
+            # not one per topic at its first send.
+            for topic in self._topics_in_use:
+                producer.client.add_topic(topic)
+            try:
+                await asyncio.wait_for(
+                    producer.client.force_metadata_update(), self._request_timeout
+                )
+            except Exception as exc:
+                self._kill(producer, "metadata update failed")
+                raise BrokerUnavailableError(
+                    f"kafka {self.bootstrap_servers}: metadata update failed: {exc!r}"
+                ) from exc
+        self._producer = producer
+        self._dirty = False
+        return producer
+
+    async def _fresh_producer(self, reason: str) -> Any:
+        """Replace the producer (new producer id, sequences from 0)."""
+        old, self._producer = self._producer, None
+        if old is not None:
+            try:
+                await asyncio.wait_for(old.stop(), 5)  # nothing is pending: quick
+            except Exception:  # noqa: BLE001 - stuck: kill it
+                self._kill(old, reason)
+            except BaseException:
+                self._kill(old, reason)
+                raise
+        log.info("kafka_producer_replaced", reason=reason)
+        return await self._start_producer()
+
+    def _kill(self, producer: Any, reason: str) -> None:
+        """Stop a producer now, without flushing: every pending send fails with
+        ProducerAborted, its background tasks are cancelled and its connections closed (in a
+        task the next start waits for)."""
+        if producer is self._producer:
+            self._producer = None
+        if getattr(producer, "_outbox_killed", False):
+            return
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(old.stop(), 5)
-        await self.start()
+            producer._outbox_killed = True
+        error = ProducerAborted(reason)
+        sender_task = None
+        with contextlib.suppress(Exception):
+            sender_task = producer._sender.sender_task
+            if sender_task is not None:
+                sender_task.cancel()
+        with contextlib.suppress(Exception):
+            accumulator = producer._message_accumulator
+            accumulator.fail_all(error)
+            # A batch queued again for a retry is no longer in `_pending_batches`, but its
+            # done-callback still removes it from there: put it back, or that callback raises.
+            for queue in accumulator._batches.values():
+                accumulator._pending_batches.update(b for b in queue if b.retry_count)
+        with contextlib.suppress(Exception):
+            producer._closed = True  # stop() is now a no-op, and no "unclosed" warning
+        task = asyncio.create_task(self._dispose(producer, sender_task))
+        self._disposals.add(task)
+        task.add_done_callback(self._disposals.discard)
+
+    async def _dispose(self, producer: Any, sender_task: asyncio.Task[Any] | None) -> None:
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(producer.client.close(), 2)
+        if sender_task is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(sender_task), 2)
+            if sender_task.done() and not sender_task.cancelled():
+                sender_task.exception()  # retrieved: no "never retrieved" noise
+
+    async def _await_disposals(self) -> None:
+        if self._disposals:
+            await asyncio.wait(set(self._disposals), timeout=5)
+
+    def _abort(self, producer: Any, reason: str) -> None:
+        """The broker is gone for this publish: kill the producer; unacked events are BROKER."""
+        if self._abort_reason is None:
+            self._abort_reason = reason
+            log.warning("kafka_producer_aborted", reason=reason)
+        self._kill(producer, reason)
+
+    # -- publish -------------------------------------------------------------------------------
 
     async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
-        if self._broken:
-            await self._restart()  # after an outage a fresh producer resets its sequences
-        results: list[PublishResult] = [None] * len(batch)
-        pending: list[tuple[int, asyncio.Future[Any]]] = []
-        blocked: set[str] = set()
-        for i, event in enumerate(batch):
-            if event.key is not None and event.key in blocked:
-                results[i] = HELD_BACK
-                continue
-            topic = self.topic_prefix + event.topic
-            key = event.key.encode() if event.key is not None else None
-            try:
-                partition = (
-                    await self._partitions.partition(self._producer, topic, key)
-                    if key is not None
-                    else None
-                )
-                future = await self._producer.send(
-                    topic,
-                    value=event.payload,
-                    key=key,
-                    headers=event.kafka_headers(),
-                    partition=partition,
-                )
-            except BROKER_DOWN as exc:
-                self._broken = True
-                raise BrokerUnavailableError(f"kafka {self.bootstrap_servers}: {exc!r}") from exc
-            except Exception as exc:  # noqa: BLE001 - any send error is that event's result
-                results[i] = classify(exc)
-                if event.key is not None:
-                    blocked.add(event.key)
-            else:
-                pending.append((i, future))
+        self._abort_reason = None
+        producer = self._producer
+        if producer is None:
+            producer = await self._start_producer()
+        elif self._dirty:
+            producer = await self._fresh_producer("a batch failed at the broker")
+        prefix = self.topic_prefix
+        names = [prefix + e.topic for e in batch] if prefix else [e.topic for e in batch]
+        topics = set(names)
+        refused = await self._check_topics(producer, topics)
+        self._topics_in_use = topics.difference(refused)
         try:
-            # aiokafka can keep retrying a dead broker for long; our own deadline ends that.
-            outcomes = await asyncio.wait_for(
-                asyncio.gather(*(f for _, f in pending), return_exceptions=True),
-                self._ack_timeout,
+            return await self._publish(batch, names, refused)
+        finally:
+            self._topics_in_use = set()
+
+    async def _publish(
+        self, batch: Sequence[Envelope], names: list[str], refused: dict[str, Failure]
+    ) -> list[PublishResult]:
+        results: list[PublishResult] = [None] * len(batch)
+        todo = list(range(len(batch)))
+        alone: set[int] = set()
+        violations = 0
+        for round_no in range(self.MAX_ROUNDS):
+            resend = await self._send_round(batch, names, todo, results, refused, alone)
+            violations += hold_back_after_failures(batch, results)
+            if self._abort_reason is not None:
+                break
+            todo = self._next_round(batch, results, resend)
+            if not todo or round_no + 1 == self.MAX_ROUNDS:
+                break  # what is left keeps its HELD answer: sent again with the next batch
+        if violations:
+            log.error(
+                "kafka_acked_after_failure",
+                events=violations,
+                note="acked by the broker after an earlier event of their key failed; "
+                "answered HELD_BACK, so they will be published again after it",
             )
-        except TimeoutError as exc:
-            self._broken = True
-            raise BrokerUnavailableError(
-                f"kafka {self.bootstrap_servers}: no ack within {self._ack_timeout:.0f}s"
-            ) from exc
-        failures = 0
-        down = 0
+        if self._abort_reason is not None and all(r is not None for r in results):
+            raise BrokerUnavailableError(f"kafka {self.bootstrap_servers}: {self._abort_reason}")
+        return results
+
+    @staticmethod
+    def _next_round(
+        batch: Sequence[Envelope], results: list[PublishResult], resend: list[int]
+    ) -> list[int]:
+        """The events to send again, in order. A key stops at its first event that is not
+        delivered and not sent again: its later events are HELD_BACK."""
+        if not resend:
+            return []
+        again = set(resend)
+        stopped: set[str] = set()
+        todo: list[int] = []
+        for i, event in enumerate(batch):
+            if results[i] is None:
+                continue
+            key = event.key
+            if i in again and (key is None or key not in stopped):
+                todo.append(i)
+            elif key is not None:
+                stopped.add(key)
+                if i in again:
+                    results[i] = HELD_BACK
+        return todo
+
+    async def _send_round(
+        self,
+        batch: Sequence[Envelope],
+        names: list[str],
+        todo: list[int],
+        results: list[PublishResult],
+        refused: dict[str, Failure],
+        alone: set[int],
+    ) -> list[int]:
+        """Send the `todo` events (in order) and wait for their acks; fill in `results`.
+        Returns the events to send again with a fresh producer (after which the publisher's
+        producer is a fresh one).
+
+        Two phases. First, in a pipeline, every event except those to send alone (records of
+        a topic that refuses batches, records refused in a batch, big records) and the later
+        events of their keys. Then those, one by one, each acked before the next is sent: a
+        refused record stops its key before anything later of the key went out."""
+        producer = self._producer
+        if producer is None or self._dirty:
+            try:
+                producer = await self._fresh_producer("resending after a failed batch")
+            except BrokerUnavailableError as exc:
+                self._abort_reason = str(exc)
+                broker = Failure("BrokerUnavailableError", str(exc), Verdict.BROKER)
+                for i in todo:
+                    results[i] = broker
+                return []
+        loop = asyncio.get_running_loop()
+        counts: dict[str, int] = {}
+        blocked: set[str] = set()  # keys with an event not delivered in this round
+        pending: list[tuple[int, asyncio.Future[Any]]] = []
+        deferred: list[int] = []
+        deferred_keys: set[str] = set()
+        unsent: list[int] = []
+        one_by_one = self._one_by_one
+        if one_by_one:
+            now = loop.time()
+            for topic in [t for t, until in one_by_one.items() if until < now]:
+                del one_by_one[topic]
+        big = self._big_record
+        watchdog = _Watchdog(self, producer, loop.time() + self._ack_timeout)
+        timer = loop.call_later(self._probe_interval, watchdog.start)
+        try:
+            for position, i in enumerate(todo):
+                event = batch[i]
+                key = event.key
+                if key is not None and key in blocked:
+                    results[i] = HELD_BACK
+                    continue
+                topic = names[i]
+                if refused and topic in refused:
+                    results[i] = refused[topic]
+                    if key is not None:
+                        blocked.add(key)
+                    continue
+                if (
+                    len(event.payload) > big
+                    or (alone and i in alone)
+                    or (one_by_one and topic in one_by_one)
+                    or (deferred_keys and key in deferred_keys)
+                ):
+                    deferred.append(i)
+                    if key is not None:
+                        deferred_keys.add(key)
+                    continue
+                key_bytes = key.encode() if key is not None else None
+                try:
+                    count = counts.get(topic)
+                    if count is None:
+                        count = counts[topic] = await self._partition_count(producer, topic)
+                    future = await producer.send(
+                        topic,
+                        value=event.payload,
+                        key=key_bytes,
+                        headers=event.kafka_headers(),
+                        partition=self._partitions.partition(key_bytes, count)
+                        if key_bytes is not None and count
+                        else None,
+                    )
+                except Exception as exc:  # noqa: BLE001 - any send error is that event's result
+                    if kind_of(exc) is Kind.BROKER:
+                        self._abort(producer, f"send failed: {describe(exc)}")
+                        unsent = todo[position:]
+                        break
+                    results[i] = classify(exc, f"topic {topic!r}")
+                    if key is not None:
+                        blocked.add(key)
+                else:
+                    pending.append((i, future))
+            outcomes = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+        finally:
+            timer.cancel()
+            await watchdog.stop()
+        resend: list[int] = []
         for (i, _), outcome in zip(pending, outcomes, strict=True):
             if isinstance(outcome, BaseException):
-                failures += 1
-                down += isinstance(outcome, BROKER_DOWN)
-                results[i] = classify(outcome)
-        if pending and down == len(pending):
-            self._broken = True
-            raise BrokerUnavailableError(f"kafka {self.bootstrap_servers}: every send timed out")
-        return results
+                event = batch[i]
+                self._failed(i, event, names[i], outcome, results, resend, alone, in_batch=True)
+                if event.key is not None:
+                    blocked.add(event.key)
+        if deferred and self._abort_reason is None:
+            await self._send_one_by_one(batch, names, deferred, results, resend, alone, blocked)
+        elif deferred:
+            unsent.extend(deferred)
+        if unsent:
+            broker = Failure(
+                "BrokerUnavailableError",
+                f"kafka {self.bootstrap_servers}: {self._abort_reason}",
+                Verdict.BROKER,
+            )
+            for i in unsent:
+                results[i] = broker
+        return resend
+
+    def _failed(
+        self,
+        i: int,
+        event: Envelope,
+        topic: str,
+        outcome: BaseException,
+        results: list[PublishResult],
+        resend: list[int],
+        alone: set[int],
+        *,
+        in_batch: bool,
+    ) -> None:
+        """Record a failed ack: the event's answer, and whether to send it again."""
+        if not isinstance(outcome, ProducerAborted):
+            self._dirty = True  # the failed batch used sequence numbers: a gap now
+        kind = kind_of(outcome)
+        context = f"topic {topic!r}"
+        if kind is Kind.RECORD:
+            size = self._record_size(event)
+            context += f", record of {size} bytes"
+            if in_batch and size <= self._options["max_batch_size"]:
+                # Its batch was refused, perhaps for the other records: send it alone.
+                alone.add(i)
+                resend.append(i)
+                failure = classify(outcome, context + ", in a refused batch")
+                results[i] = Failure(failure.error_class, failure.message, Verdict.HELD)
+                return
+            context += ", alone in its batch"
+        elif kind is Kind.SEQUENCE:
+            resend.append(i)
+        results[i] = classify(outcome, context)
+
+    async def _send_one_by_one(
+        self,
+        batch: Sequence[Envelope],
+        names: list[str],
+        deferred: list[int],
+        results: list[PublishResult],
+        resend: list[int],
+        alone: set[int],
+        blocked: set[str],
+    ) -> None:
+        """Send each deferred event in a batch of its own and wait for its ack."""
+        loop = asyncio.get_running_loop()
+        for position, i in enumerate(deferred):
+            event = batch[i]
+            key = event.key
+            if key is not None and key in blocked:
+                results[i] = HELD_BACK
+                continue
+            try:
+                producer = self._producer
+                if producer is None or self._dirty:  # a failed record left a sequence gap
+                    producer = await self._fresh_producer("a record failed at the broker")
+            except BrokerUnavailableError as exc:
+                self._abort_reason = self._abort_reason or str(exc)
+                for j in deferred[position:]:
+                    results[j] = Failure("BrokerUnavailableError", str(exc), Verdict.BROKER)
+                return
+            topic = names[i]
+            watchdog = _Watchdog(self, producer, loop.time() + self._ack_timeout)
+            timer = loop.call_later(self._probe_interval, watchdog.start)
+            try:
+                future = await self._send_alone(producer, topic, event)
+                outcome: BaseException | None = None
+                await future
+            except Exception as exc:  # noqa: BLE001 - any send error is that event's result
+                outcome = exc
+            finally:
+                timer.cancel()
+                await watchdog.stop()
+            if outcome is None:
+                results[i] = None
+                if i in alone:
+                    self._note_one_by_one(topic, loop.time())
+                continue
+            if kind_of(outcome) is Kind.BROKER:
+                self._abort(producer, f"send failed: {describe(outcome)}")
+                broker = Failure(
+                    type(outcome).__name__,
+                    f"kafka {self.bootstrap_servers}: {self._abort_reason}",
+                    Verdict.BROKER,
+                )
+                for j in deferred[position:]:
+                    results[j] = broker
+                return
+            self._failed(i, event, topic, outcome, results, resend, alone, in_batch=False)
+            if key is not None:
+                blocked.add(key)
+
+    def _note_one_by_one(self, topic: str, now: float) -> None:
+        """A record refused in a batch went through alone: the topic's size limit is below
+        our batch size, so it gets one-record batches for a while."""
+        if topic not in self._one_by_one:
+            log.warning("kafka_topic_one_by_one", topic=topic, minutes=self.ONE_BY_ONE_SECONDS / 60)
+        self._one_by_one[topic] = now + self.ONE_BY_ONE_SECONDS
+
+    async def _send_alone(self, producer: Any, topic: str, event: Envelope) -> asyncio.Future[Any]:
+        """Send one record in a batch of its own; the future of its ack."""
+        key = event.key.encode() if event.key is not None else None
+        builder = producer.create_batch()
+        headers = event.kafka_headers()
+        if builder.append(timestamp=None, key=key, value=event.payload, headers=headers) is None:
+            raise ke.MessageSizeTooLargeError("the record does not fit in a batch")
+        count = await self._partition_count(producer, topic)
+        if key is not None:
+            partition = self._partitions.partition(key, count)
+        else:
+            cluster = producer.client.cluster
+            available = cluster.available_partitions_for_topic(topic)
+            partition = random.choice(sorted(available or range(count)))
+        future: asyncio.Future[Any] = await producer.send_batch(builder, topic, partition=partition)
+        return future
+
+    @staticmethod
+    async def _partition_count(producer: Any, topic: str) -> int:
+        """The topic's partition count in the producer's metadata (a fresh producer fetches
+        it; the topic was checked before, so this does not wait long)."""
+        partitions = producer.client.cluster.partitions_for_topic(topic)
+        if partitions is None:
+            partitions = await producer.partitions_for(topic)
+        return len(partitions)
+
+    @staticmethod
+    def _record_size(event: Envelope) -> int:
+        key = event.key.encode() if event.key is not None else None
+        return int(
+            DefaultRecordBatchBuilder.estimate_size_in_bytes(
+                key, event.payload, event.kafka_headers()
+            )
+        )
+
+    # -- topics --------------------------------------------------------------------------------
+
+    async def _check_topics(self, producer: Any, topics: set[str]) -> dict[str, Failure]:
+        """The batch's topics that cannot take events, with the failure for their events.
+        The others are in the producer's metadata when this returns. Topics the producer does
+        not know yet are looked up together, one metadata request per try."""
+        cluster = producer.client.cluster
+        unknown = {t for t in topics if cluster.partitions_for_topic(t) is None}
+        if not unknown:
+            return {}
+        refused: dict[str, Failure] = {}
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for topic in list(unknown):
+            invalid = self._invalid_topics.get(topic)
+            checked = self._missing_checked.get(topic)
+            if invalid is not None:
+                refused[topic] = invalid
+                unknown.discard(topic)
+            elif checked is not None and now - checked[0] < 1.0:
+                refused[topic] = checked[1]  # asked less than a second ago: still missing
+                unknown.discard(topic)
+        delay = 0.05
+        while unknown:
+            now = loop.time()
+            answer = await self._topic_metadata(producer, sorted(unknown))
+            found: list[str] = []
+            for topic in sorted(unknown):
+                error, partitions = answer.get(topic, (ke.UnknownTopicOrPartitionError, 0))
+                since = self._missing_since.setdefault(topic, now)
+                if error is ke.NoError and partitions:
+                    found.append(topic)
+                    continue
+                failure = self._topic_failure(topic, error, now - since)
+                if failure is None:
+                    continue  # perhaps being created: ask again
+                refused[topic] = failure
+                if error is ke.InvalidTopicError:
+                    self._invalid_topics[topic] = failure
+                else:
+                    self._missing_checked[topic] = (now, failure)
+                unknown.discard(topic)
+                log.warning("kafka_topic_refused", topic=topic, error=failure.message)
+            if found:
+                for topic in found:
+                    producer.client.add_topic(topic)
+                await self._refresh_metadata(producer)
+                for topic in found:
+                    if cluster.partitions_for_topic(topic) is not None:
+                        unknown.discard(topic)
+                        self._missing_since.pop(topic, None)
+                        self._missing_checked.pop(topic, None)
+                    elif now - self._missing_since[topic] > self._topic_wait:
+                        unknown.discard(topic)  # the broker has it, the producer does not
+                        refused[topic] = Failure(
+                            "LeaderNotAvailableError",
+                            f"topic {topic!r}: no partition metadata after "
+                            f"{now - self._missing_since[topic]:.1f}s",
+                            Verdict.RETRY,
+                        )
+            if unknown:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        return refused
+
+    def _topic_failure(
+        self, topic: str, error: type[BaseException], waited: float
+    ) -> Failure | None:
+        """What a metadata error for `topic` means for its events; None: ask again."""
+        if error is ke.InvalidTopicError:
+            return Failure(
+                "InvalidTopicError",
+                f"topic {topic!r} is not a valid Kafka topic name ({len(topic)} characters; "
+                "at most 249 of ASCII letters, digits, '.', '_' and '-')",
+                Verdict.POISON,
+            )
+        if error in (ke.TopicAuthorizationFailedError, ke.PolicyViolationError):
+            return Failure(
+                error.__name__, f"topic {topic!r}: the broker refused it", Verdict.POISON
+            )
+        if waited < self._topic_wait:
+            return None
+        if error is ke.UnknownTopicOrPartitionError:
+            return Failure(
+                "UnknownTopicOrPartitionError",
+                f"topic {topic!r} does not exist, and was not created within "
+                f"{self._topic_wait:g}s (is auto.create.topics.enable off?)",
+                Verdict.POISON,
+            )
+        # Leader not available and the like: the topic exists but cannot take writes yet.
+        return Failure(
+            getattr(error, "__name__", "KafkaError"),
+            f"topic {topic!r} is not ready after {waited:.1f}s",
+            Verdict.RETRY,
+        )
+
+    async def _topic_metadata(
+        self, producer: Any, topics: list[str]
+    ) -> dict[str, tuple[type[ke.BrokerResponseError], int]]:
+        """Topic -> (error class, partition count), from one metadata request."""
+        client = producer.client
+        node = client.get_random_node()
+        try:
+            response = await asyncio.wait_for(
+                client.send(node, MetadataRequest(topics)), self._request_timeout
+            )
+        except Exception as exc:
+            self._abort(producer, f"metadata request failed: {describe(exc)}")
+            raise BrokerUnavailableError(
+                f"kafka {self.bootstrap_servers}: metadata request failed: {exc!r}"
+            ) from exc
+        out: dict[str, tuple[type[ke.BrokerResponseError], int]] = {}
+        for entry in response.topics:
+            # (error_code, name, [is_internal,] partitions, [...]) depending on the version
+            partitions = next((f for f in entry[2:] if isinstance(f, list)), [])
+            out[entry[1]] = (ke.for_code(entry[0]), len(partitions))
+        return out
+
+    async def _refresh_metadata(self, producer: Any) -> None:
+        try:
+            await asyncio.wait_for(producer.client.force_metadata_update(), self._request_timeout)
+        except Exception as exc:
+            self._abort(producer, f"metadata update failed: {describe(exc)}")
+            raise BrokerUnavailableError(
+                f"kafka {self.bootstrap_servers}: metadata update failed: {exc!r}"
+            ) from exc
+
+    # -- reachability --------------------------------------------------------------------------
+
+    async def _reachable(self, producer: Any) -> bool:
+        """Whether any broker of the cluster (or of the bootstrap list) accepts a connection."""
+        addresses: set[tuple[str, int]] = set()
+        with contextlib.suppress(Exception):
+            addresses |= {(b.host, int(b.port)) for b in producer.client.cluster.brokers()}
+        for part in self.bootstrap_servers.split(","):
+            host, _, port = part.strip().rpartition(":")
+            if host and port.isdigit():
+                addresses.add((host.strip("[]"), int(port)))
+        for host, number in sorted(addresses):
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, number), 1.0)
+            except (OSError, TimeoutError):
+                continue
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            return True
+        return False
+
+
+class _Watchdog:
+    """Runs while a round's sends and acks take longer than a probe interval: kills the
+    producer when no broker answers, or when the acks are overdue."""
+
+    __slots__ = ("_deadline", "_producer", "_publisher", "_task")
+
+    def __init__(self, publisher: KafkaPublisher, producer: Any, deadline: float) -> None:
+        self._publisher = publisher
+        self._producer = producer
+        self._deadline = deadline
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})  # our own cancellation still propagates
+            if not task.cancelled():
+                task.exception()
+
+    async def _watch(self) -> None:
+        publisher = self._publisher
+        loop = asyncio.get_running_loop()
+        while True:
+            if loop.time() > self._deadline:
+                publisher._abort(self._producer, f"no ack within {publisher._ack_timeout:.0f}s")
+                return
+            if not await publisher._reachable(self._producer):
+                publisher._abort(self._producer, "no broker accepts connections")
+                return
+            await asyncio.sleep(publisher._probe_interval)

@@ -1,0 +1,591 @@
+"""Kafka failure paths, each provoked at a real broker: a restart mid-drain, records the broker
+refuses, topics it refuses. Restarts and auto-create-off run on a throwaway broker of our own
+(tests/kafka_broker.py), never on the shared one; the shared broker only gets fresh topics.
+
+The unit tests at the end check the classification and the per-key rule without a broker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+import asyncpg
+import psutil
+import pytest
+import structlog.testing
+from aiokafka import AIOKafkaProducer
+from aiokafka import errors as ke
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.partitioner import murmur2
+from aiokafka.protocol.metadata import MetadataRequest
+
+from outbox import OutboxEvent
+from outbox.envelope import Envelope
+from relay.publishers.kafka import (
+    KINDS,
+    KafkaPublisher,
+    Kind,
+    ProducerAborted,
+    RateLimitFilter,
+    classify,
+    hold_back_after_failures,
+    kind_of,
+)
+from relay.seams import HELD_BACK, BrokerUnavailableError, Failure, PublishResult, Verdict
+from tests.helpers import (
+    assert_per_key_order,
+    commit_events,
+    create_topic,
+    first_seen_order,
+    keyed_events,
+    pg_relay,
+    read_all,
+    relay_process,
+)
+from tests.kafka_broker import KafkaBroker, kafka_available, port_open
+
+pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def free_port_pair(start: int = 19092) -> int:
+    """A port p such that p and p + 1 are free on loopback."""
+    for port in range(start, start + 200, 2):
+        if port_open(port) or port_open(port + 1):
+            continue
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for the test broker")
+
+
+@pytest.fixture(scope="module")
+def chaos_broker() -> Iterator[KafkaBroker]:
+    """A broker of our own, auto-create off, that the tests may stop and restart."""
+    if not kafka_available():
+        pytest.skip("no Kafka jars in .services/kafka/libs (run scripts/services.sh up)")
+    broker = KafkaBroker("chaos", free_port_pair(), auto_create=False)
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.cleanup()
+
+
+def partition_of(key: str, partitions: int = 3) -> int:
+    return int((murmur2(key.encode()) & 0x7FFFFFFF) % partitions)
+
+
+def keys_on_partition(partition: int, count: int, prefix: str) -> list[str]:
+    keys: list[str] = []
+    n = 0
+    while len(keys) < count:
+        key = f"{prefix}-{n}"
+        if partition_of(key) == partition:
+            keys.append(key)
+        n += 1
+    return keys
+
+
+class LineCounter:
+    """Reads a child's pipe in a thread (the child never blocks on a full pipe) and keeps each
+    line with the monotonic time it arrived."""
+
+    def __init__(self, pipe: IO[bytes] | None) -> None:
+        self.lines: list[tuple[float, bytes]] = []
+        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe: IO[bytes] | None) -> None:
+        if pipe is not None:
+            for line in iter(pipe.readline, b""):
+                self.lines.append((time.monotonic(), line))
+
+    def between(self, start: float, end: float) -> list[bytes]:
+        return [line for t, line in list(self.lines) if start <= t <= end]
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+async def pending(pg: asyncpg.Connection) -> int:
+    return int(await pg.fetchval("SELECT count(*) FROM outbox_events"))
+
+
+async def wait_until_pending(pg: asyncpg.Connection, below: int, timeout: float) -> float:
+    """Poll the outbox (the relay is another process) until fewer than `below` events are
+    left; the seconds it took."""
+    t0 = time.monotonic()
+    while await pending(pg) >= below:
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"still {await pending(pg)} events pending after {timeout}s")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - t0
+
+
+async def dead_letters(pg: asyncpg.Connection) -> list[asyncpg.Record]:
+    return list(
+        await pg.fetch(
+            "SELECT event_id, topic, key, attempts, error_class, error_message "
+            "FROM outbox_dead_letters ORDER BY original_seq"
+        )
+    )
+
+
+# -- (a) a broker restart mid-drain ------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("outage", "crash"),
+    [(10.0, False), (60.0, False), (10.0, True)],
+    ids=["stop-10s", "stop-60s", "kill-10s"],
+)
+async def test_broker_restart_mid_drain(
+    outage: float,
+    crash: bool,
+    database_url: str,
+    pg: asyncpg.Connection,
+    chaos_broker: KafkaBroker,
+) -> None:
+    """30,000 events, the real relay (a child process, --batch-size 20), the broker stopped
+    (SIGTERM, or SIGKILL: `crash`) 1.5 s into the drain with sends in flight, and started again
+    `outage` seconds later."""
+    topic = f"chaos-{uuid.uuid4().hex[:8]}"
+    await create_topic(chaos_broker.bootstrap, topic)
+    events = keyed_events(topic, keys=300, per_key=100)
+    await commit_events(database_url, events)
+    total = len(events)
+    proc = relay_process(
+        database_url,
+        "--broker",
+        "kafka",
+        "--kafka-bootstrap",
+        chaos_broker.bootstrap,
+        "--batch-size",
+        "20",
+        "--relay-id",
+        f"chaos-{uuid.uuid4().hex[:4]}",
+    )
+    stderr = LineCounter(proc.stderr)
+    stdout = LineCounter(proc.stdout)
+    relay = psutil.Process(proc.pid)
+    try:
+        await wait_until_pending(pg, total, timeout=60)  # the drain has begun
+        await asyncio.sleep(1.5)  # the scenario: the broker goes 1.5 s into the drain
+        t_stop = time.monotonic()
+        await asyncio.to_thread(chaos_broker.kill if crash else chaos_broker.stop)
+        t_down = time.monotonic()
+        cpu_down = relay.cpu_times()
+        left_at_stop = await pending(pg)
+        await asyncio.sleep(outage)  # the outage itself
+        cpu_up = relay.cpu_times()
+        t_up = time.monotonic()
+        busy = cpu_up.user + cpu_up.system - cpu_down.user - cpu_down.system
+        cpu = busy / (t_up - t_down)
+        outage_lines = stderr.between(t_stop, t_up) + stdout.between(t_stop, t_up)
+        await asyncio.to_thread(chaos_broker.start)
+        t_back = time.monotonic()
+        drain = await wait_until_pending(pg, 1, timeout=60)
+        dead = await pg.fetchval("SELECT count(*) FROM outbox_dead_letters")
+        aborted = [t for t, line in stderr.lines if b"kafka_producer_aborted" in line]
+        print(
+            f"\n[restart] {'SIGKILL' if crash else 'SIGTERM'} outage={outage:.0f}s "
+            f"pending_at_stop={left_at_stop}/{total} broker_shutdown={t_down - t_stop:.2f}s "
+            f"producer_killed_after={aborted[0] - t_stop if aborted else -1:.2f}s "
+            f"relay_cpu_during_outage={cpu:.1%} "
+            f"relay_log_lines_during_outage={len(outage_lines)} "
+            f"broker_restart={t_back - t_up:.1f}s drained_after_return={drain:.1f}s "
+            f"dead_letters={dead}"
+        )
+    finally:
+        proc.terminate()
+        try:
+            await asyncio.to_thread(proc.wait, 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        stderr.join(5)
+    assert proc.returncode == 0
+    assert 0 < left_at_stop < total  # the broker really went away mid-drain
+    assert dead == 0
+    assert cpu < 0.20
+    assert len(outage_lines) < 2000
+    assert drain < 60
+    received = await read_all(chaos_broker.bootstrap, topic)
+    assert {e.id for e in received} == {e.id for e in events}
+    assert_per_key_order(first_seen_order(received))
+
+
+# -- (b) a record the broker refuses, then innocent events on its partition -----------------
+
+
+async def test_refused_record_dead_letters_alone(
+    database_url: str,
+    kafka_bootstrap: str,
+    topic: str,
+    pg: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 1.5 MB payload (the writer takes it, the producer's max_request_size is 2 MiB, the
+    broker's message.max.bytes is ~1 MB) is refused at the broker. Before the fix its
+    partition's sequence had a gap: every later event there failed OutOfOrderSequenceNumber
+    and was dead-lettered too."""
+    monkeypatch.setenv("OUTBOX_MAX_PAYLOAD_BYTES", "2000000")
+    await create_topic(kafka_bootstrap, topic)
+    big = OutboxEvent(topic=topic, key="big", payload={"blob": "x" * 1_500_000})
+    same = partition_of("big")
+    innocents = [
+        OutboxEvent(topic=topic, key=k, payload={"n": n})
+        for n, k in enumerate(keys_on_partition(same, 50, "same"))
+    ]
+    elsewhere = [
+        OutboxEvent(topic=topic, key=k, payload={"n": n})
+        for n, k in enumerate(keys_on_partition((same + 1) % 3, 10, "other"))
+    ]
+    after_big = OutboxEvent(topic=topic, key="big", payload={"after": True})
+    await commit_events(database_url, [big, *innocents, *elsewhere, after_big])
+    stats = await pg_relay(database_url, KafkaPublisher(kafka_bootstrap)).drain()
+    dead = await dead_letters(pg)
+    assert [d["event_id"] for d in dead] == [big.id, after_big.id]  # after_big: parked behind
+    assert dead[0]["error_class"] == "MessageSizeTooLargeError"
+    assert dead[0]["attempts"] == 1
+    assert topic in dead[0]["error_message"]
+    assert stats.retried == 0
+    received = await read_all(kafka_bootstrap, topic)
+    assert {e.id for e in received} == {e.id for e in innocents + elsewhere}
+    assert_per_key_order(first_seen_order(received))
+    assert await pending(pg) == 0
+
+
+# -- (c) a topic whose size limit is below the producer's batch size -------------------------
+
+
+async def test_small_topic_limit_splits_batches(
+    database_url: str, kafka_bootstrap: str, topic: str, pg: asyncpg.Connection
+) -> None:
+    """max.message.bytes=3000 on the topic: aiokafka's batches of small events are refused
+    (it never splits them); the publisher sends the records again one by one, and only the
+    record too large on its own is dead-lettered."""
+    await create_topic(kafka_bootstrap, topic, configs={"max.message.bytes": "3000"})
+    small = keyed_events(topic, keys=10, per_key=4)
+    for event in small:
+        event.payload = {"pad": "p" * 220, **event.payload}  # ~250 bytes each
+    oversize = OutboxEvent(topic=topic, key="oversize", payload={"blob": "y" * 4000})
+    await commit_events(database_url, [*small[:20], oversize, *small[20:]])
+    publisher = KafkaPublisher(kafka_bootstrap)
+    stats = await pg_relay(database_url, publisher).drain()
+    dead = await dead_letters(pg)
+    assert [d["event_id"] for d in dead] == [oversize.id]
+    assert dead[0]["error_class"] == "MessageSizeTooLargeError"
+    assert dead[0]["attempts"] == 1
+    assert "alone in its batch" in dead[0]["error_message"]
+    assert stats.delivered == len(small)
+    received = await read_all(kafka_bootstrap, topic)
+    assert {e.id for e in received} == {e.id for e in small}
+    assert_per_key_order(first_seen_order(received))
+    # The same publisher sends this topic's next batch one by one at once: no batch refused,
+    # no producer replaced.
+    later = keyed_events(topic, keys=3, per_key=2)
+    await commit_events(database_url, later)
+    with structlog.testing.capture_logs() as logged:
+        stats = await pg_relay(database_url, publisher).drain()
+    assert stats.delivered == len(later)
+    assert "kafka_producer_replaced" not in {entry["event"] for entry in logged}
+    assert len(await read_all(kafka_bootstrap, topic)) >= len(small) + len(later)
+
+
+# -- (d) topics the broker refuses -------------------------------------------------------------
+
+
+async def test_invalid_topics_are_poison_for_their_events_only(
+    database_url: str, kafka_bootstrap: str, pg: asyncpg.Connection
+) -> None:
+    """A name over 249 characters once the prefix is on, and a name with an illegal character
+    (written past the writer's checks): their events are dead-lettered at once, the error names
+    the topic, and the other topic's events flow."""
+    prefix = f"pfx{uuid.uuid4().hex[:6]}."
+    good = f"ok-{uuid.uuid4().hex[:8]}"
+    too_long = "l" * (249 - len(prefix) + 1)  # valid for the writer, 250 with the prefix
+    illegal = f"bad-{uuid.uuid4().hex[:6]}"
+    events = [
+        OutboxEvent(topic=t, key=f"{t[:8]}-{k}", payload={"n": n})
+        for n in range(5)
+        for k in range(3)
+        for t in (good, too_long, illegal)
+    ]
+    await commit_events(database_url, events)
+    await pg.execute("UPDATE outbox_events SET topic = 'bad!' || topic WHERE topic = $1", illegal)
+    publisher = KafkaPublisher(kafka_bootstrap, topic_prefix=prefix)
+    t0 = time.monotonic()
+    stats = await pg_relay(database_url, publisher).drain()
+    took = time.monotonic() - t0
+    dead = await dead_letters(pg)
+    print(f"\n[invalid topics] drained in {took:.2f}s, dead letters: {len(dead)}")
+    assert took < 5
+    assert stats.delivered == 15
+    assert stats.retried == 0
+    assert len(dead) == 30
+    first = {d["topic"]: d for d in dead if d["error_class"] == "InvalidTopicError"}
+    assert set(first) == {too_long, f"bad!{illegal}"}
+    assert prefix + too_long in first[too_long]["error_message"]
+    assert f"bad!{illegal}" in first[f"bad!{illegal}"]["error_message"]
+    assert all(d["attempts"] <= 1 for d in dead)
+    received = await read_all(kafka_bootstrap, prefix + good)
+    assert {e.id for e in received} == {e.id for e in events if e.topic == good}
+
+
+async def test_missing_topic_with_auto_create_off(
+    database_url: str, pg: asyncpg.Connection, chaos_broker: KafkaBroker
+) -> None:
+    good = f"ok-{uuid.uuid4().hex[:8]}"
+    missing = f"missing-{uuid.uuid4().hex[:8]}"
+    await create_topic(chaos_broker.bootstrap, good)
+    events = [
+        OutboxEvent(topic=t, key=f"{t}-{k}", payload={"n": n})
+        for n in range(4)
+        for k in range(5)
+        for t in (good, missing)
+    ]
+    await commit_events(database_url, events)
+    publisher = KafkaPublisher(chaos_broker.bootstrap, topic_wait_seconds=2.0)
+    relay = pg_relay(database_url, publisher)
+    t0 = time.monotonic()
+    task = asyncio.create_task(relay.run())
+    try:
+        await relay.wait_for(lambda s: s.dead_lettered >= 5, timeout=30)
+        decided = time.monotonic() - t0
+        await relay.wait_for(lambda s: s.idle and s.delivered == 20, timeout=30)
+    finally:
+        relay.request_stop()
+        await task
+    dead = await dead_letters(pg)
+    print(f"\n[missing topic] dead-lettered after {decided:.2f}s")
+    assert decided < 5
+    assert len(dead) == 20
+    assert {d["topic"] for d in dead} == {missing}
+    heads = [d for d in dead if d["error_class"] == "UnknownTopicOrPartitionError"]
+    assert len(heads) == 5
+    assert all(missing in d["error_message"] for d in heads)
+    assert relay.stats.retried == 0
+    received = await read_all(chaos_broker.bootstrap, good)
+    assert {e.id for e in received} == {e.id for e in events if e.topic == good}
+
+
+async def test_new_topics_of_a_batch_are_looked_up_together(
+    chaos_broker: KafkaBroker,
+) -> None:
+    """300 topics the producer does not know: one metadata lookup for all of them, not one
+    per topic (which made 1,000 topics drain 18 times slower than one)."""
+    topics = [f"many-{uuid.uuid4().hex[:6]}-{n}" for n in range(300)]
+    admin = AIOKafkaAdminClient(bootstrap_servers=chaos_broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(t, 1, 1) for t in topics])
+    finally:
+        await admin.close()
+    publisher = KafkaPublisher(chaos_broker.bootstrap)
+    await publisher.start()
+    client = publisher._producer.client
+    sent: list[Any] = []
+    real_send = client.send
+
+    async def counting_send(node: Any, request: Any, **kw: Any) -> Any:
+        sent.append(request)
+        return await real_send(node, request, **kw)
+
+    client.send = counting_send
+    batch = [
+        Envelope(seq=n, id=uuid.uuid4(), topic=t, key=f"k{n}", payload=b"{}")
+        for n, t in enumerate(topics)
+    ]
+    try:
+        t0 = time.monotonic()
+        results = await publisher.publish(batch)
+        took = time.monotonic() - t0
+    finally:
+        await publisher.stop()
+    lookups = [r for r in sent if isinstance(r, MetadataRequest)]
+    print(f"\n[300 new topics] one publish: {took:.2f}s, metadata requests: {len(lookups)}")
+    assert results == [None] * len(batch)
+    assert len(lookups) <= 3
+
+
+# -- without a broker --------------------------------------------------------------------------
+
+
+def envelope(seq: int, key: str | None) -> Envelope:
+    return Envelope(seq=seq, id=uuid.uuid4(), topic="t", key=key, payload=b"{}")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("exc", "verdict"),
+    [
+        (ke.OutOfOrderSequenceNumber(), Verdict.HELD),
+        (ke.UnknownProducerId(), Verdict.HELD),
+        (ke.InvalidProducerEpoch(), Verdict.HELD),
+        (ke.ProducerFenced(), Verdict.HELD),
+        (ke.NotLeaderForPartitionError(), Verdict.HELD),
+        (ke.MessageSizeTooLargeError(), Verdict.POISON),
+        (ke.RecordListTooLargeError(), Verdict.POISON),
+        (ke.CorruptRecordException(), Verdict.POISON),
+        (ke.InvalidTopicError(), Verdict.POISON),
+        (ke.TopicAuthorizationFailedError("t"), Verdict.POISON),
+        (ke.KafkaConnectionError(), Verdict.BROKER),
+        (ke.NodeNotReadyError(), Verdict.BROKER),
+        (ke.RequestTimedOutError(), Verdict.BROKER),
+        (ke.KafkaTimeoutError(), Verdict.BROKER),
+        (ke.NotEnoughReplicasError(), Verdict.BROKER),
+        (ke.KafkaStorageError(), Verdict.BROKER),
+        (ke.ClusterAuthorizationFailedError(), Verdict.BROKER),
+        (ProducerAborted("gone"), Verdict.BROKER),
+        (ConnectionResetError(), Verdict.BROKER),
+        (ke.UnknownError(), Verdict.RETRY),
+        (ke.InvalidTimestampError(), Verdict.RETRY),
+        (ValueError("odd"), Verdict.RETRY),
+    ],
+)
+def test_classification(exc: BaseException, verdict: Verdict) -> None:
+    failure = classify(exc, "topic 't'")
+    assert failure.verdict is verdict
+    assert failure.error_class == type(exc).__name__
+    assert "topic 't'" in failure.message
+
+
+#: Broker error codes deliberately left to the default (RETRY): they are not produce errors,
+#: or say nothing about the event, the topic or the broker as a whole.
+RETRY_BY_DEFAULT = {
+    "NoError",
+    "UnknownError",
+    "OffsetOutOfRangeError",
+    "OffsetMetadataTooLargeError",
+    "StaleControllerEpochError",
+    "IllegalGenerationError",
+    "InconsistentGroupProtocolError",
+    "InvalidGroupIdError",
+    "UnknownMemberIdError",
+    "InvalidSessionTimeoutError",
+    "RebalanceInProgressError",
+    "InvalidCommitOffsetSizeError",
+    "GroupAuthorizationFailedError",
+    "InvalidTimestampError",
+    "TopicAlreadyExistsError",
+    "InvalidPartitionsError",
+    "InvalidReplicationFactorError",
+    "InvalidReplicationAssignmentError",
+    "InvalidConfigurationError",
+    "InvalidFetchRequestError",
+    "ConcurrentTransactions",
+    "InvalidTransactionTimeout",
+    "OperationNotAttempted",
+    "LogDirNotFound",
+    "ReassignmentInProgress",
+    "DelegationTokenAuthDisabled",
+    "DelegationTokenNotFound",
+    "DelegationTokenOwnerMismatch",
+    "DelegationTokenRequestNotAllowed",
+    "DelegationTokenAuthorizationFailed",
+    "DelegationTokenExpired",
+    "InvalidPrincipalType",
+    "NonEmptyGroup",
+    "GroupIdNotFound",
+    "FetchSessionIdNotFound",
+    "InvalidFetchSessionEpoch",
+    "ListenerNotFound",
+    "MemberIdRequired",
+}
+
+
+@pytest.mark.unit
+def test_every_broker_error_code_is_classified() -> None:
+    """Each error code aiokafka knows is either in the table or knowingly left to RETRY."""
+    codes: set[type[BaseException]] = set()
+    todo: list[type[BaseException]] = [ke.BrokerResponseError]
+    while todo:
+        cls = todo.pop()
+        codes.add(cls)
+        todo.extend(cls.__subclasses__())
+    codes.discard(ke.BrokerResponseError)
+    left = {c.__name__ for c in codes if kind_of(c()) is Kind.RETRY}
+    assert left == RETRY_BY_DEFAULT
+    listed = [cls for _, classes in KINDS for cls in classes]
+    assert len(listed) == len(set(listed))  # no class in two kinds
+
+
+@pytest.mark.unit
+def test_a_later_event_acked_after_its_keys_failure_is_held_back() -> None:
+    batch = [envelope(1, "a"), envelope(2, "b"), envelope(3, "a"), envelope(4, None)]
+    failed = Failure("RequestTimedOutError", "late", Verdict.BROKER)
+    results: list[PublishResult] = [failed, None, None, None]
+    assert hold_back_after_failures(batch, results) == 1
+    assert results == [failed, None, HELD_BACK, None]
+    assert hold_back_after_failures(batch, results) == 0  # idempotent
+
+
+@pytest.mark.unit
+def test_resend_rounds_stop_a_key_at_its_first_final_failure() -> None:
+    batch = [envelope(1, "a"), envelope(2, "a"), envelope(3, "b"), envelope(4, "b")]
+    poison = Failure("MessageSizeTooLargeError", "big", Verdict.POISON)
+    held = Failure("OutOfOrderSequenceNumber", "gap", Verdict.HELD)
+    results: list[PublishResult] = [poison, held, held, held]
+    todo = KafkaPublisher._next_round(batch, results, resend=[1, 2, 3])
+    assert todo == [2, 3]  # b goes again; a stopped at its poison event
+    assert results[1] is HELD_BACK
+
+
+@pytest.mark.unit
+def test_aiokafka_logs_are_rate_limited() -> None:
+    limit = RateLimitFilter(interval=60)
+    record = logging.LogRecord(
+        "aiokafka", logging.ERROR, __file__, 1, "Unable connect to node %s", ("1",), None
+    )
+    passed = sum(limit.filter(logging.makeLogRecord(record.__dict__)) for _ in range(1000))
+    assert passed == 1
+    debug = logging.makeLogRecord({**record.__dict__, "levelno": logging.DEBUG})
+    assert limit.filter(debug)
+    limit.interval = 0
+    again = logging.makeLogRecord(record.__dict__)
+    assert limit.filter(again)
+    assert "999 more like this" in again.getMessage()
+
+
+@pytest.mark.unit
+async def test_aiokafka_internals_the_kill_relies_on() -> None:
+    """Killing a producer reaches into aiokafka (there is no public abort): fail loudly here
+    if an upgrade moves what it uses."""
+    producer = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1", enable_idempotence=True)
+    accumulator = producer._message_accumulator
+    assert callable(accumulator.fail_all)
+    assert isinstance(accumulator._batches, dict)
+    assert isinstance(accumulator._pending_batches, set)
+    assert hasattr(producer._sender, "sender_task")
+    assert callable(producer.client.cluster.partitions_for_topic)
+    assert callable(producer.client.add_topic)
+    await producer.client.close()
+    producer._closed = True
+
+
+@pytest.mark.unit
+async def test_no_broker_at_start_is_broker_unavailable_at_once() -> None:
+    port = free_port_pair(29092)  # nothing listens there
+    publisher = KafkaPublisher(f"127.0.0.1:{port}")
+    t0 = time.monotonic()
+    with pytest.raises(BrokerUnavailableError, match=str(port)):
+        await publisher.publish([envelope(1, "a")])
+    await publisher.stop()
+    assert time.monotonic() - t0 < 2
+    leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert leftovers == []
