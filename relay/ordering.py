@@ -15,9 +15,12 @@ Where the rule is kept:
    relay/stores/sqlite.py): it never returns an event whose key has an earlier event waiting
    (a retry backoff or a delayed delivery), and it returns the events of quarantined keys
    (keys with a dead letter whose `holds_key` is true) as `Claim.parked`.
-2. In the process, by `KeyGate`: a publisher sends nothing of a key after one of its events
-   failed in the batch, and the loop leaves out of a prefetched batch every key whose event
-   was not delivered in the batch before (that batch's settle may not be written yet).
+2. In the process, by `KeyGate`, the one type that says "this key may not move on now":
+   - publishers (Kafka, Redis, relay.testing's FaultInjector) send nothing of a key after one of
+     its events failed in the batch, and `hold_back_after_failures` answers HELD_BACK for later
+     events of a key whose earlier event failed only with its ack;
+   - the loop leaves out of a prefetched batch every key whose event was not delivered in the
+     batch before (that batch's settle may not be written yet), parked events included.
 3. When a batch is settled, by `sort_results`: what each publisher answer means for its event.
 """
 
@@ -31,7 +34,7 @@ import structlog
 
 from outbox.envelope import Envelope
 from relay.retry import RetryPolicy
-from relay.seams import Dead, Failure, PublishResult, Retry, Verdict
+from relay.seams import HELD_BACK, Dead, Failure, PublishResult, Retry, Verdict
 
 log = structlog.get_logger("relay")
 
@@ -54,7 +57,7 @@ class KeyGate:
     def admits(self, event: Envelope | Dead) -> bool:
         return event.key is None or event.key not in self._closed
 
-    def close(self, event: Envelope) -> None:
+    def close(self, event: Envelope | Dead) -> None:
         if event.key is not None:
             self._closed.add(event.key)
 
@@ -66,6 +69,25 @@ class KeyGate:
 
     def __bool__(self) -> bool:
         return bool(self._closed)
+
+
+def hold_back_after_failures(batch: Sequence[Envelope], results: list[PublishResult]) -> int:
+    """The publisher contract on a finished batch, for publishers that learn of failures
+    only with the acks: once an event of a key is not delivered, no later event of the key
+    counts as delivered. Such events become HELD_BACK (sent again after the earlier one).
+    Returns how many the broker had acked all the same (they will arrive twice)."""
+    if results.count(None) == len(results):
+        return 0  # all delivered: the usual case, checked in C
+    gate = KeyGate()
+    violations = 0
+    for i, event in enumerate(batch):
+        if not gate.admits(event):
+            if results[i] is None:
+                violations += 1
+                results[i] = HELD_BACK
+        elif results[i] is not None:
+            gate.close(event)
+    return violations
 
 
 @dataclass(slots=True)

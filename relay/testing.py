@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from outbox.envelope import Envelope
+from relay.ordering import KeyGate
 from relay.seams import HELD_BACK, Failure, Publisher, PublishResult, Verdict
 
 #: Decides, per event, whether it fails this time (a Failure) or goes to the real publisher.
@@ -62,10 +63,10 @@ class FaultInjector:
 
     async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
         results: list[PublishResult] = [None] * len(batch)
-        blocked: set[str] = set()
+        blocked = KeyGate()
         passed: list[int] = []
         for i, event in enumerate(batch):
-            if event.key is not None and event.key in blocked:
+            if not blocked.admits(event):
                 results[i] = HELD_BACK
                 continue
             failure = self.fault(event)
@@ -73,8 +74,7 @@ class FaultInjector:
                 passed.append(i)
                 continue
             results[i] = failure
-            if event.key is not None:
-                blocked.add(event.key)
+            blocked.close(event)
         acks = await self.inner.publish([batch[i] for i in passed]) if passed else []
         for i, ack in zip(passed, acks, strict=True):
             results[i] = ack

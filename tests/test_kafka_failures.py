@@ -28,6 +28,7 @@ from aiokafka.protocol.metadata import MetadataRequest
 
 from outbox import OutboxEvent
 from outbox.envelope import Envelope
+from relay.ordering import hold_back_after_failures
 from relay.publishers.kafka import (
     KINDS,
     KafkaPublisher,
@@ -35,7 +36,6 @@ from relay.publishers.kafka import (
     ProducerAborted,
     RateLimitFilter,
     classify,
-    hold_back_after_failures,
     kind_of,
 )
 from relay.seams import HELD_BACK, BrokerUnavailableError, Failure, PublishResult, Verdict

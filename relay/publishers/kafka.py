@@ -46,6 +46,7 @@ from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from outbox.envelope import Envelope
+from relay.ordering import KeyGate, hold_back_after_failures
 from relay.seams import HELD_BACK, BrokerUnavailableError, Failure, PublishResult, Verdict
 
 log = structlog.get_logger("relay.kafka")
@@ -215,29 +216,6 @@ def classify(exc: BaseException, context: str = "") -> Failure:
     `context` (topic, size) is added to the message."""
     message = describe(exc) + (f" ({context})" if context else "")
     return Failure(type(exc).__name__, message, _VERDICTS[kind_of(exc)])
-
-
-def hold_back_after_failures(batch: Sequence[Envelope], results: list[PublishResult]) -> int:
-    """The per-key contract on a finished batch: once an event of a key is not delivered, no
-    later event of the key counts as delivered. Such events become HELD_BACK (they are sent
-    again after the earlier one); returns how many the broker had acked all the same (they will
-    be on the topic twice, after the earlier event's first copy, if any)."""
-    if results.count(None) == len(results):
-        return 0  # all delivered: the usual case, checked in C
-    failed: set[str] = set()
-    violations = 0
-    for i, event in enumerate(batch):
-        key = event.key
-        if key is None:
-            continue
-        result = results[i]
-        if key in failed:
-            if result is None:
-                violations += 1
-                results[i] = HELD_BACK
-        elif result is not None:
-            failed.add(key)
-    return violations
 
 
 # -- aiokafka's loggers ------------------------------------------------------------------------
@@ -537,16 +515,15 @@ class KafkaPublisher:
         if not resend:
             return []
         again = set(resend)
-        stopped: set[str] = set()
+        stopped = KeyGate()
         todo: list[int] = []
         for i, event in enumerate(batch):
             if results[i] is None:
                 continue
-            key = event.key
-            if i in again and (key is None or key not in stopped):
+            if i in again and stopped.admits(event):
                 todo.append(i)
-            elif key is not None:
-                stopped.add(key)
+            else:
+                stopped.close(event)
                 if i in again:
                     results[i] = HELD_BACK
         return todo
@@ -580,10 +557,10 @@ class KafkaPublisher:
                 return []
         loop = asyncio.get_running_loop()
         counts: dict[str, int] = {}
-        blocked: set[str] = set()  # keys with an event not delivered in this round
+        blocked = KeyGate()  # keys with an event not delivered in this round
         pending: list[tuple[int, asyncio.Future[Any]]] = []
         deferred: list[int] = []
-        deferred_keys: set[str] = set()
+        deferred_keys = KeyGate()  # keys with an event sent alone: the rest follow it
         unsent: list[int] = []
         one_by_one = self._one_by_one
         if one_by_one:
@@ -597,24 +574,22 @@ class KafkaPublisher:
             for position, i in enumerate(todo):
                 event = batch[i]
                 key = event.key
-                if key is not None and key in blocked:
+                if not blocked.admits(event):
                     results[i] = HELD_BACK
                     continue
                 topic = names[i]
                 if refused and topic in refused:
                     results[i] = refused[topic]
-                    if key is not None:
-                        blocked.add(key)
+                    blocked.close(event)
                     continue
                 if (
                     len(event.payload) > big
                     or (alone and i in alone)
                     or (one_by_one and topic in one_by_one)
-                    or (deferred_keys and key in deferred_keys)
+                    or not deferred_keys.admits(event)
                 ):
                     deferred.append(i)
-                    if key is not None:
-                        deferred_keys.add(key)
+                    deferred_keys.close(event)
                     continue
                 key_bytes = key.encode() if key is not None else None
                 try:
@@ -636,8 +611,7 @@ class KafkaPublisher:
                         unsent = todo[position:]
                         break
                     results[i] = classify(exc, f"topic {topic!r}")
-                    if key is not None:
-                        blocked.add(key)
+                    blocked.close(event)
                 else:
                     pending.append((i, future))
             outcomes = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
@@ -649,8 +623,7 @@ class KafkaPublisher:
             if isinstance(outcome, BaseException):
                 event = batch[i]
                 self._failed(i, event, names[i], outcome, results, resend, alone, in_batch=True)
-                if event.key is not None:
-                    blocked.add(event.key)
+                blocked.close(event)
         if deferred and self._abort_reason is None:
             await self._send_one_by_one(batch, names, deferred, results, resend, alone, blocked)
         elif deferred:
@@ -705,14 +678,13 @@ class KafkaPublisher:
         results: list[PublishResult],
         resend: list[int],
         alone: set[int],
-        blocked: set[str],
+        blocked: KeyGate,
     ) -> None:
         """Send each deferred event in a batch of its own and wait for its ack."""
         loop = asyncio.get_running_loop()
         for position, i in enumerate(deferred):
             event = batch[i]
-            key = event.key
-            if key is not None and key in blocked:
+            if not blocked.admits(event):
                 results[i] = HELD_BACK
                 continue
             try:
@@ -752,8 +724,7 @@ class KafkaPublisher:
                     results[j] = broker
                 return
             self._failed(i, event, topic, outcome, results, resend, alone, in_batch=False)
-            if key is not None:
-                blocked.add(key)
+            blocked.close(event)
 
     def _note_one_by_one(self, topic: str, now: float) -> None:
         """A record refused in a batch went through alone: the topic's size limit is below

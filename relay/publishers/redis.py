@@ -72,6 +72,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from outbox.envelope import Envelope
 from outbox.urls import redact
+from relay.ordering import KeyGate
 from relay.seams import HELD_BACK, BrokerUnavailableError, Failure, PublishResult, Verdict
 
 log = structlog.get_logger("relay.redis")
@@ -265,7 +266,7 @@ class RedisPublisher:
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         except BROKER_DOWN as exc:
             raise BrokerUnavailableError(self._down(exc)) from exc
-        failed: set[str | None] = set()  # keys with an undelivered event; None never counts
+        failed = KeyGate()  # keys with an undelivered event
         refusal: Failure | None = None  # the server refused: the later segments are not sent
         done = 0  # the events before `done` have their final result
         try:
@@ -276,10 +277,10 @@ class RedisPublisher:
                 if failed:
                     send = []
                     for i in segment:
-                        if keys[i] in failed:
-                            results[i] = HELD_BACK
-                        else:
+                        if failed.admits(batch[i]):
                             send.append(i)
+                        else:
+                            results[i] = HELD_BACK
                 if send:
                     commands = [self._command(batch[i], names[i]) for i in send]
                     answers = await self._exchange(conn, commands, [names[i] for i in send])
@@ -287,16 +288,15 @@ class RedisPublisher:
                         done = segment.stop
                         continue
                     for i, answer in zip(send, answers, strict=True):
-                        key = keys[i]
+                        event = batch[i]
                         if answer is None:
-                            if key in failed:  # cannot happen (module doc); the loop logs it
-                                log.error("redis_order_violated", key=key, stream=names[i])
+                            if not failed.admits(event):  # cannot happen (module doc)
+                                log.error("redis_order_violated", key=event.key, stream=names[i])
                             continue
-                        results[i] = HELD_BACK if key in failed else answer
+                        results[i] = answer if failed.admits(event) else HELD_BACK
                         if answer.verdict is Verdict.BROKER:
                             refusal = refusal or answer
-                        if key is not None:
-                            failed.add(key)
+                        failed.close(event)
                 done = segment.stop
         except BROKER_DOWN as exc:
             await conn.disconnect()
