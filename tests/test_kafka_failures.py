@@ -29,9 +29,9 @@ from aiokafka.protocol.metadata import MetadataRequest
 from outbox import OutboxEvent
 from outbox.envelope import Envelope
 from relay.ordering import hold_back_after_failures
-from relay.publishers.kafka import (
+from relay.publishers.kafka import KafkaPublisher
+from relay.publishers.kafka_errors import (
     KINDS,
-    KafkaPublisher,
     Kind,
     ProducerAborted,
     RateLimitFilter,
