@@ -11,7 +11,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev,bench]"
 
-eval "$(bash scripts/services.sh up)"
+services_env="$(bash scripts/services.sh up)"  # an assignment: a failed `up` stops the run
+eval "$services_env"
 export OUTBOX_REQUIRE_SERVICES=1  # a missing service fails the run instead of skipping tests
 
 echo "== ruff" >&2
