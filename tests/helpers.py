@@ -94,6 +94,16 @@ async def read_stream(
     return out
 
 
+async def poll_envelopes(consumer: AIOKafkaConsumer, timeout_ms: int) -> list[Envelope]:
+    """One poll of a consumer, as envelopes."""
+    batches = await consumer.getmany(timeout_ms=timeout_ms)
+    return [
+        Envelope.from_kafka(r.topic, r.key, r.value, r.headers)
+        for records in batches.values()
+        for r in records
+    ]
+
+
 async def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 60) -> list[Envelope]:
     """Read `count` records of a Kafka topic from the beginning, with a real consumer."""
     consumer = AIOKafkaConsumer(
@@ -108,11 +118,7 @@ async def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 60
     try:
         async with asyncio.timeout(timeout):
             while len(out) < count:
-                batches = await consumer.getmany(timeout_ms=1000)
-                for records in batches.values():
-                    out.extend(
-                        Envelope.from_kafka(r.topic, r.key, r.value, r.headers) for r in records
-                    )
+                out += await poll_envelopes(consumer, 1000)
     finally:
         await consumer.stop()
     return out
@@ -149,11 +155,7 @@ async def read_all(
                 return any([await consumer.position(tp) < ends[tp] for tp in tps])
 
             while await behind():
-                batches = await consumer.getmany(timeout_ms=500)
-                for records in batches.values():
-                    out.extend(
-                        Envelope.from_kafka(r.topic, r.key, r.value, r.headers) for r in records
-                    )
+                out += await poll_envelopes(consumer, 500)
     finally:
         await consumer.stop()
     return out

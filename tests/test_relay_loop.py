@@ -283,13 +283,17 @@ async def add_keyed(db: OutboxDb, plan: str) -> dict[str, OutboxEvent]:
 PLAN = "K1 A1 K2 B1 K3 A2 K4 B2 K5 A3 B3"
 
 
+#: One claim for everything, pipelined claims, and one event per claim.
+BATCH_SIZES = pytest.mark.parametrize(
+    "batch_size", [100, 3, 2, 1], ids=["one-claim", "pipelined-3", "pipelined-2", "one-by-one"]
+)
+
+
 def published_of(publisher: RecordingPublisher, key: str) -> list[int]:
     return [e.seq for e in publisher.published if e.key == key]
 
 
-@pytest.mark.parametrize(
-    "batch_size", [100, 3, 2, 1], ids=["one-claim", "pipelined-3", "pipelined-2", "one-by-one"]
-)
+@BATCH_SIZES
 async def test_quarantine_parks_the_rest_of_the_key_in_order_and_other_keys_flow(
     db: OutboxDb, batch_size: int
 ) -> None:
@@ -335,9 +339,7 @@ async def test_quarantine_parks_the_rest_of_the_key_in_order_and_other_keys_flow
     assert await db.pending() == []
 
 
-@pytest.mark.parametrize(
-    "batch_size", [100, 3, 2, 1], ids=["one-claim", "pipelined-3", "pipelined-2", "one-by-one"]
-)
+@BATCH_SIZES
 async def test_skip_policy_lets_the_key_move_on_past_its_poison_event(
     db: OutboxDb, batch_size: int
 ) -> None:
