@@ -54,15 +54,6 @@ class Failure:
     message: str
     verdict: Verdict = Verdict.RETRY
 
-    @classmethod
-    def of(cls, exc: BaseException, verdict: Verdict) -> Failure:
-        return cls(type(exc).__name__, str(exc) or repr(exc), verdict)
-
-    @property
-    def holds_key(self) -> bool:
-        """Whether the event stays pending, so later events of its key must wait for it."""
-        return self.verdict is not Verdict.POISON
-
 
 #: Later events of a key whose earlier event in the batch was not delivered.
 HELD_BACK = Failure("HeldBack", "an earlier event of its key was not delivered", Verdict.HELD)
