@@ -53,10 +53,14 @@ def load_settings(**given: Any) -> RelaySettings:
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    from relay.seams import ConfigurationError
+
     try:
         return asyncio.run(coro)
     except KeyboardInterrupt:
         fail("interrupted", 130)
+    except ConfigurationError as exc:
+        fail(redact_urls(str(exc)), 2)
     except Exception as exc:  # noqa: BLE001 - one line on stderr, never a traceback
         fail(one_line(exc), 1)
 

@@ -27,6 +27,11 @@ class BrokerUnavailableError(RelayError):
     """
 
 
+class ConfigurationError(RelayError):
+    """The relay's setup is wrong (credentials, permissions), found when it starts: retrying
+    cannot help. `outbox-relay run` exits 2 with this one line."""
+
+
 class StoreUnavailableError(RelayError):
     """The database cannot be reached now; the loop backs off and reconnects."""
 

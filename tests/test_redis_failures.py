@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -35,7 +36,14 @@ from outbox.envelope import Envelope
 from relay.publishers.redis import RedisPublisher, classify, segments
 from relay.retry import CircuitBreaker
 from relay.seams import HELD_BACK, BrokerUnavailableError, Failure, PublishResult, Verdict
-from tests.helpers import assert_per_key_order, commit_events, keyed_events, pg_relay, read_stream
+from tests.helpers import (
+    assert_per_key_order,
+    commit_events,
+    keyed_events,
+    pg_relay,
+    read_stream,
+    relay_process,
+)
 
 OOM = "OOM command not allowed when used memory > 'maxmemory'."
 
@@ -601,3 +609,30 @@ async def test_read_only_replica_and_busy_script_are_broker_refusals(own_redis: 
     finally:
         await publisher.stop()
         await client.aclose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("password", ["wrong-secret", ""], ids=["wrong", "missing"])
+async def test_a_wrong_or_missing_password_is_a_configuration_error(
+    database_url: str, own_redis: str, password: str
+) -> None:
+    """Not an outage to retry forever: `run` exits 2 with one line, the password redacted."""
+    parts = urlsplit(own_redis)
+    netloc = (
+        f":{password}@{parts.hostname}:{parts.port}"
+        if password
+        else f"{parts.hostname}:{parts.port}"
+    )
+    bad_url = urlunsplit(parts._replace(netloc=netloc))
+    proc = relay_process(database_url, "--broker", "redis", "--redis-url", bad_url)
+    try:
+        _, stderr = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2
+    last = stderr.decode().strip().splitlines()[-1]
+    assert last.startswith("outbox-relay: error: redis redis://"), last
+    assert "password" in last
+    assert "wrong-secret" not in stderr.decode()
+    assert [line for line in stderr.decode().splitlines() if "Traceback" in line] == []

@@ -66,14 +66,26 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import (
+    AuthenticationError,
+    InvalidResponse,
+    NoPermissionError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from outbox.envelope import Envelope
 from outbox.urls import redact
 from relay.ordering import KeyGate
-from relay.seams import HELD_BACK, BrokerUnavailableError, Failure, PublishResult, Verdict
+from relay.seams import (
+    HELD_BACK,
+    BrokerUnavailableError,
+    ConfigurationError,
+    Failure,
+    PublishResult,
+    Verdict,
+)
 
 log = structlog.get_logger("relay.redis")
 
@@ -245,6 +257,13 @@ class RedisPublisher:
             )
         try:
             await self._client.ping()
+        except (AuthenticationError, NoPermissionError) as exc:
+            # A wrong or missing password, or an ACL that forbids the relay: an operator must
+            # fix it, so it is not retried as an outage (later, while running, it would be).
+            raise ConfigurationError(
+                f"redis {redact(self.url)}: {classify(exc).message} "
+                "(check the password in redis_url and the user's ACL)"
+            ) from exc
         except BROKER_DOWN as exc:
             raise BrokerUnavailableError(self._down(exc)) from exc
 
