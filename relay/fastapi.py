@@ -9,6 +9,8 @@ may run one: relays share the key buckets through leases.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -16,6 +18,7 @@ import structlog
 
 from relay.factory import build_relay
 from relay.relay import Relay
+from relay.retry import CircuitBreaker
 from relay.settings import RelaySettings
 
 if TYPE_CHECKING:
@@ -34,30 +37,56 @@ class OutboxLifespan:
     `app.state.outbox_relay`. Entering returns `{"outbox_relay": relay}`, the lifespan state
     Starlette copies into `request.state`. On exit it asks the relay to stop and waits for it:
     the in-flight batch settles and the bucket leases are released.
+
+    Supervision: a relay built here (from settings or a `factory`) that dies of an unexpected
+    error is logged (`relay_task_failed`) and replaced by a fresh one after a pause that
+    doubles from `restart_delay` up to a minute, for as long as the app runs; `restarts`
+    counts them and `app.state.outbox_relay` is always the current relay. A `relay` instance
+    passed in can run only once: its error is raised on exit instead.
     """
 
-    def __init__(self, settings: RelaySettings | None, relay: Relay | None) -> None:
-        if settings is not None and relay is not None:
-            raise ValueError("outbox_lifespan: pass settings or relay, not both")
+    def __init__(
+        self,
+        settings: RelaySettings | None,
+        relay: Relay | None,
+        factory: Callable[[], Relay] | None = None,
+        restart_delay: float = 1.0,
+    ) -> None:
+        if sum(x is not None for x in (settings, relay, factory)) > 1:
+            raise ValueError("outbox_lifespan: pass settings, relay or factory, not several")
         self._settings = settings
         self._given = relay
+        self._factory = factory
+        self._restart = CircuitBreaker(base_seconds=restart_delay, max_seconds=60.0)
         self._app: Starlette | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self.relay: Relay | None = None
+        self.restarts = 0
 
     def __call__(self, app: Starlette) -> OutboxLifespan:
         self._app = app
         return self
 
-    async def __aenter__(self) -> dict[str, Relay]:
-        if self._task is not None:
-            raise RuntimeError("outbox_lifespan is already running")
-        # A relay runs once; one built from settings is built anew on every start.
-        relay = self._given or build_relay(self._settings or RelaySettings())
+    def _new_relay(self) -> Relay:
+        if self._given is not None:
+            relay = self._given
+        elif self._factory is not None:
+            relay = self._factory()
+        else:
+            # A relay runs once; one built from settings is built anew on every start.
+            relay = build_relay(self._settings or RelaySettings())
         if self._app is not None:
             setattr(self._app.state, STATE_KEY, relay)
         self.relay = relay
-        self._task = asyncio.create_task(relay.run(), name="outbox-relay")
+        return relay
+
+    async def __aenter__(self) -> dict[str, Relay]:
+        if self._task is not None:
+            raise RuntimeError("outbox_lifespan is already running")
+        self._stopping.clear()
+        relay = self._new_relay()
+        self._task = asyncio.create_task(self._supervise(relay), name="outbox-relay")
         self._task.add_done_callback(self._report)
         return {STATE_KEY: relay}
 
@@ -70,6 +99,7 @@ class OutboxLifespan:
         task, self._task = self._task, None
         if task is None or self.relay is None:
             return
+        self._stopping.set()
         self.relay.request_stop()
         try:
             await task
@@ -77,6 +107,29 @@ class OutboxLifespan:
             # Logged by _report. Raised unless the app is already failing with its own error.
             if exc is None:
                 raise
+
+    async def _supervise(self, relay: Relay) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                await relay.run()
+            except Exception as exc:
+                if self._given is not None or self._stopping.is_set():
+                    raise
+                if loop.time() - started > 60:
+                    self._restart.record_success()  # it ran a while: start the pauses over
+                pause = self._restart.record_failure()
+                log.exception("relay_task_failed", error=repr(exc), restart_in=round(pause, 2))
+            else:
+                return  # asked to stop
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), pause)
+            if self._stopping.is_set():
+                return
+            relay = self._new_relay()
+            self.restarts += 1
+            log.info("relay_restarted", restarts=self.restarts)
 
     def _report(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -86,12 +139,17 @@ class OutboxLifespan:
 
 
 def outbox_lifespan(
-    settings: RelaySettings | None = None, *, relay: Relay | None = None
+    settings: RelaySettings | None = None,
+    *,
+    relay: Relay | None = None,
+    factory: Callable[[], Relay] | None = None,
+    restart_delay: float = 1.0,
 ) -> OutboxLifespan:
-    """A lifespan that runs the relay beside the app.
+    """A lifespan that runs the relay beside the app, restarting it if it dies.
 
-    `settings` defaults to `RelaySettings()` (the OUTBOX_* environment variables); `relay` runs a
-    relay you built yourself instead. Use it as `FastAPI(lifespan=outbox_lifespan(settings))`,
-    or inside your own lifespan: `async with outbox_lifespan(settings)(app): yield`.
+    `settings` defaults to `RelaySettings()` (the OUTBOX_* environment variables); `factory`
+    builds relays of your own (called again for each restart); `relay` runs one relay you built
+    yourself, once. Use it as `FastAPI(lifespan=outbox_lifespan(settings))`, or inside your
+    own lifespan: `async with outbox_lifespan(settings)(app): yield`.
     """
-    return OutboxLifespan(settings, relay)
+    return OutboxLifespan(settings, relay, factory, restart_delay)

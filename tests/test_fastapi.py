@@ -22,7 +22,8 @@ from relay.relay import Relay
 from relay.seams import PublishResult
 from relay.settings import RelaySettings
 from relay.stores.sqlite import SqliteStore
-from tests.fakes import FakeClock, OutboxDb
+from tests.fakes import FakeClock, OutboxDb, RecordingPublisher
+from tests.helpers import eventually
 
 TIMEOUT = 30.0
 #: What XREAD returns: [(stream, [(entry id, {field: value})])].
@@ -181,5 +182,37 @@ async def test_the_app_error_wins_over_the_relay_error(db: OutboxDb) -> None:
 def test_settings_and_relay_are_exclusive(tmp_path: Path) -> None:
     store = SqliteStore(f"sqlite:///{tmp_path / 'outbox.db'}", clock=FakeClock())
     relay = Relay(store, ExplodingPublisher(), relay_id="test")
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="not several"):
         outbox_lifespan(RelaySettings(database_url="sqlite:///x.db"), relay=relay)
+
+
+@pytest.mark.unit
+async def test_a_crashed_relay_is_restarted_with_backoff(db: OutboxDb) -> None:
+    event = await db.add(key="k")
+    recorder = RecordingPublisher()
+    built: list[Relay] = []
+
+    def factory() -> Relay:
+        publisher = ExplodingPublisher() if len(built) < 2 else recorder  # two crashes, then fine
+        built.append(Relay(db.store(), publisher, relay_id=f"r{len(built)}", poll_interval=0.01))
+        return built[-1]
+
+    app = FastAPI()
+    lifespan = outbox_lifespan(factory=factory, restart_delay=0.01)(app)
+    await lifespan.__aenter__()
+    try:
+        await eventually_relay(lambda: len(built) == 3)
+        await built[2].wait_for(lambda s: s.delivered == 1, timeout=TIMEOUT)
+        assert app.state.outbox_relay is built[2]  # the current relay
+    finally:
+        await lifespan.__aexit__(None, None, None)  # the crashes were handled: nothing raised
+    assert lifespan.restarts == 2
+    assert [e.id for e in recorder.published] == [event.id]
+    assert built[2].stats.stopped
+
+
+async def eventually_relay(check: Callable[[], bool]) -> None:
+    async def checked() -> bool:
+        return check()
+
+    await eventually(checked, timeout=TIMEOUT, every=0.01)
