@@ -6,6 +6,8 @@ Errors are one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import difflib
+import os
 import signal
 import sys
 import uuid
@@ -45,7 +47,22 @@ def describe(exc: ValidationError) -> str:
     )
 
 
+#: OUTBOX_* variables that are not relay settings: read by the writers, or by the tests.
+OTHER_VARIABLES = frozenset({"OUTBOX_MAX_PAYLOAD_BYTES", "OUTBOX_REQUIRE_SERVICES"})
+
+
+def warn_unknown_variables() -> None:
+    """A misspelt OUTBOX_* variable would be ignored silently: name it, with its close match."""
+    known = {f"OUTBOX_{name.upper()}" for name in RelaySettings.model_fields} | OTHER_VARIABLES
+    for name in sorted(os.environ):
+        if name.startswith("OUTBOX_") and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            click.echo(f"outbox-relay: warning: {name} is not a setting{hint}", err=True)
+
+
 def load_settings(**given: Any) -> RelaySettings:
+    warn_unknown_variables()
     try:
         return RelaySettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
@@ -84,11 +101,26 @@ def database_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+def cli() -> None:
     """Transactional outbox relay: publishes committed outbox rows to Kafka or Redis."""
 
 
-@main.command()
+def main() -> None:
+    """The `outbox-relay` command. Usage errors are one line too (click prints four)."""
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        fail("interrupted", 130)
+    except click.exceptions.NoArgsIsHelpError as exc:  # `outbox-relay` alone: its help
+        click.echo(exc.format_message(), err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        fail(exc.format_message().replace("\n", " "), exc.exit_code)
+
+
+@cli.command()
 @database_option
 @setting_option("broker", type=click.Choice(["kafka", "redis", "stdout"]))
 @setting_option("kafka_bootstrap")
@@ -125,7 +157,7 @@ def run(**given: Any) -> None:
     run_async(_main())
 
 
-@main.command()
+@cli.command()
 @database_option
 @click.option("--sql", is_flag=True, help="Print the SQL instead of running it (for DBAs).")
 @click.option("--downgrade", "downgrade_to", metavar="REV", help="Downgrade to REV (or 'base').")
@@ -153,7 +185,7 @@ def migrate(database_url: str | None, sql: bool, downgrade_to: str | None, check
         fail(one_line(exc), 1)
 
 
-@main.group()
+@cli.group()
 def dlq() -> None:
     """Inspect and replay dead letters (also plain SQL: SELECT * FROM outbox_dead_letters)."""
 
@@ -169,7 +201,20 @@ def dlq_list(database_url: str | None, topic: str | None, key: str | None, limit
 
     settings = load_settings(database_url=database_url)
     for row in run_async(list_dead_letters(settings.database_url, topic, limit, key)):
-        click.echo("\t".join("" if v is None else str(v) for v in row.values()))
+        click.echo("\t".join(tsv_cell(v) for v in row.values()))
+
+
+TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def tsv_cell(value: object) -> str:
+    """One field of a tab-separated line: a tab or newline inside it is escaped, as `\\t`."""
+    if value is None:
+        return ""
+    text = str(value)
+    if "\t" in text or "\n" in text or "\r" in text or "\\" in text:
+        text = text.translate(TSV_ESCAPES)
+    return text
 
 
 def parse_ids(event_ids: tuple[str, ...]) -> list[uuid.UUID] | None:
@@ -229,7 +274,7 @@ def dlq_discard(
     click.echo(f"discarded {count} dead letter(s)")
 
 
-@main.command()
+@cli.command()
 @click.option("--keep", is_flag=True, help="Keep the temporary directory and print its path.")
 @click.option(
     "--jsonl",

@@ -19,7 +19,9 @@ def default_relay_id() -> str:
 
 
 class RelaySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OUTBOX_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="OUTBOX_", extra="forbid", frozen=True, allow_inf_nan=False
+    )
 
     database_url: str = Field(description="postgresql://user:pass@host/db (or sqlite:///file)")
     broker: Literal["kafka", "redis", "stdout"] = Field("kafka", description="where to publish")

@@ -1,0 +1,81 @@
+"""The CLI's own errors: one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import asyncpg
+import pytest
+
+pytestmark = pytest.mark.unit
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")} | env
+    return subprocess.run(
+        [sys.executable, "-m", "relay.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environ,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("flag", ["--backoff-max", "--shutdown-timeout", "--poll-interval"])
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_infinite_or_nan_durations_are_refused(flag: str, value: str) -> None:
+    run = cli("run", "--database-url", "sqlite:///x.db", flag, value)
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1, run.stderr
+    assert flag.removeprefix("--").replace("-", "_") in run.stderr
+    assert "finite" in run.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("run", "--batch-size", "many"), ("run", "--no-such-flag"), ("dlq", "nope"), ("nope",)],
+)
+def test_usage_errors_are_one_line(args: tuple[str, ...]) -> None:
+    run = cli(*args)
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith("outbox-relay: error: ")
+
+
+def test_an_unknown_outbox_variable_is_named_with_its_close_match() -> None:
+    run = cli(
+        "run",
+        "--database-url",
+        "sqlite:///nowhere/x.db",
+        OUTBOX_BATCH_SZIE="10",
+        OUTBOX_MAX_PAYLOAD_BYTES="1000",  # the writers' setting: known, no warning
+    )
+    warnings = [line for line in run.stderr.splitlines() if "warning" in line]
+    assert warnings == [
+        "outbox-relay: warning: OUTBOX_BATCH_SZIE is not a setting "
+        "(did you mean OUTBOX_BATCH_SIZE?)"
+    ]
+
+
+@pytest.mark.postgres
+async def test_dlq_list_escapes_tabs_and_newlines(
+    database_url: str, pg: asyncpg.Connection
+) -> None:
+    await pg.execute(
+        "INSERT INTO outbox_dead_letters (event_id, original_seq, topic, key, payload, headers, "
+        "created_at, attempts, first_failed_at, last_failed_at, error_class, error_message, "
+        "relay_id) VALUES (gen_random_uuid(), 1, 't', 'a\tkey', '{}', '{}', now(), 1, now(), "
+        "now(), 'E', $1, 'r')",
+        "line one\nline\ttwo \\ done",
+    )
+    listed = await asyncio.to_thread(cli, "dlq", "list", "--database-url", database_url)
+    assert listed.returncode == 0, listed.stderr
+    (line,) = listed.stdout.splitlines()
+    fields = line.split("\t")
+    assert len(fields) == 11
+    assert fields[3] == "a\\tkey"
+    assert fields[8] == "line one\\nline\\ttwo \\\\ done"
