@@ -17,6 +17,8 @@ HEADER_ID = "outbox-id"
 HEADER_SEQ = "outbox-seq"
 HEADER_EVENT_TYPE = "outbox-event-type"
 HEADER_CREATED_AT = "outbox-created-at"
+#: The prefix of the relay's own header names: applications may not use it.
+RESERVED_PREFIX = "outbox-"
 
 
 @dataclass(slots=True)
@@ -45,7 +47,12 @@ class Envelope:
             out.append((HEADER_EVENT_TYPE, self.event_type.encode()))
         if self.created_at is not None:
             out.append((HEADER_CREATED_AT, self.created_at.isoformat().encode()))
-        out.extend((name, value.encode()) for name, value in self.headers.items())
+        # A relay header name in the row (written by raw SQL) never shadows the relay's own.
+        out.extend(
+            (name, value.encode())
+            for name, value in self.headers.items()
+            if not name.startswith(RESERVED_PREFIX)
+        )
         return out
 
     def redis_fields(self) -> dict[str, bytes | str]:
@@ -69,7 +76,9 @@ class Envelope:
         value: bytes,
         headers: Sequence[tuple[str, bytes]],
     ) -> Envelope:
-        meta = {name: raw.decode() for name, raw in headers}
+        meta: dict[str, str] = {}
+        for name, raw in headers:
+            meta.setdefault(name, raw.decode())  # the first one, the relay's, wins
         created = meta.pop(HEADER_CREATED_AT, None)
         return cls(
             seq=int(meta.pop(HEADER_SEQ)),

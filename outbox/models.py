@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     Uuid,
+    event,
     false,
     func,
     text,
@@ -183,6 +184,14 @@ class OutboxEvent(OutboxBase):
 
     def __repr__(self) -> str:
         return f"OutboxEvent(id={self.id}, topic={self.topic!r}, key={self.key!r})"
+
+
+@event.listens_for(OutboxEvent, "before_insert")
+def _check_again_at_flush(_: Any, __: Any, target: OutboxEvent) -> None:
+    """The payload and headers may have been changed in place since they were checked (a
+    dict is mutable): what is written is checked again, so it is what the checks allowed."""
+    validation.check_payload(target.payload)
+    validation.check_headers(target.headers)
 
 
 class DeadLetter(OutboxBase):

@@ -7,11 +7,12 @@ import os
 import re
 import zlib
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
 
+from outbox.envelope import RESERVED_PREFIX
 from outbox.errors import OutboxValidationError
 
 #: Kafka's legal topic characters and length limit (also applied to Redis stream names).
@@ -22,8 +23,12 @@ MAX_KEY_LENGTH = 1024
 MAX_EVENT_TYPE_LENGTH = 255
 MAX_HEADER_COUNT = 64
 MAX_HEADER_NAME_LENGTH = 255
+#: Names and values of all headers together, in UTF-8 bytes (Kafka headers ride in the record).
+MAX_HEADERS_BYTES = 64 * 1024
+#: The latest `available_at` accepted: a delayed event holds back its key's later events.
+MAX_DELAY = timedelta(days=366)
 #: Header names the relay writes itself; applications may not set them.
-RESERVED_HEADER_PREFIX = "outbox-"
+RESERVED_HEADER_PREFIX = RESERVED_PREFIX
 #: Default payload limit (1 MiB of UTF-8 JSON); override with OUTBOX_MAX_PAYLOAD_BYTES.
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 #: Keys are hashed into this many buckets; a relay leases buckets, so one key has one owner.
@@ -104,6 +109,7 @@ def check_headers(headers: object) -> dict[str, str]:
             "headers", f"has {len(headers)} entries, the limit is {MAX_HEADER_COUNT}"
         )
     checked: dict[str, str] = {}
+    size = 0
     for name, value in headers.items():
         if not isinstance(name, str) or not name:
             raise OutboxValidationError("headers", f"name {name!r} must be a non-empty str")
@@ -118,12 +124,24 @@ def check_headers(headers: object) -> dict[str, str]:
                 "headers", f"value of {name!r} must be a str, got {type(value).__name__}"
             )
         _check_text(f"headers[{name!r}]", name + value)
+        size += (
+            len(name) + len(value)
+            if (name + value).isascii()
+            else len((name + value).encode("utf-8"))
+        )
         checked[name] = value
+    if size > MAX_HEADERS_BYTES:
+        raise OutboxValidationError(
+            "headers", f"are {size} bytes in all, the limit is {MAX_HEADERS_BYTES}"
+        )
     return checked
 
 
 def check_payload(payload: object) -> tuple[Any, str]:
-    """Return the JSON-ready payload and its JSON text."""
+    """Return the JSON-ready payload and its JSON text, spaced as Postgres renders jsonb
+    (`{"a": [1, 2]}`): that text, not a compact one, is what the relay publishes, so it is
+    what the size limit counts. (jsonb also writes numbers in full: 1e300 becomes 301 digits.
+    Such floats are rare in events; the limit does not model it.)"""
     if isinstance(payload, BaseModel):
         payload = payload.model_dump(mode="json")
     if not isinstance(payload, dict | list):
@@ -131,9 +149,11 @@ def check_payload(payload: object) -> tuple[Any, str]:
             "payload", f"must be a dict, a list or a pydantic model, got {type(payload).__name__}"
         )
     try:
-        encoded = json.dumps(payload, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        encoded = json.dumps(payload, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise OutboxValidationError("payload", f"is not JSON-serialisable: {exc}") from None
+    except RecursionError:
+        raise OutboxValidationError("payload", "is nested too deeply to encode") from None
     # The substring test first: the regex (is that \u0000 itself escaped?) is the slow part.
     if "\\u0000" in encoded and _ESCAPED_NUL.search(encoded):
         raise OutboxValidationError("payload", "contains a NUL character, which Postgres rejects")
@@ -149,7 +169,9 @@ def check_payload(payload: object) -> tuple[Any, str]:
     limit = max_payload_bytes()
     if size > limit:
         raise OutboxValidationError(
-            "payload", f"is {size} bytes as JSON, the limit is {limit} (OUTBOX_MAX_PAYLOAD_BYTES)"
+            "payload",
+            f"is {size} bytes as JSON (as published), the limit is {limit} "
+            "(OUTBOX_MAX_PAYLOAD_BYTES)",
         )
     return payload, encoded
 
@@ -157,6 +179,13 @@ def check_payload(payload: object) -> tuple[Any, str]:
 def check_available_at(value: object) -> datetime:
     if not isinstance(value, datetime) or value.tzinfo is None:
         raise OutboxValidationError("available_at", "must be a timezone-aware datetime")
+    latest = datetime.now(UTC) + MAX_DELAY
+    if value > latest:
+        raise OutboxValidationError(
+            "available_at",
+            f"{value.isoformat()} is later than now + {MAX_DELAY.days} days; a delayed event "
+            "holds back the later events of its key until then",
+        )
     return value
 
 

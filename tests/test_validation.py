@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import string
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from outbox import MAX_KEY_LENGTH, MAX_TOPIC_LENGTH, OutboxEvent, OutboxValidationError
+from outbox.ids import uuid7
 from outbox.validation import BUCKETS, DEFAULT_MAX_PAYLOAD_BYTES
 
 pytestmark = pytest.mark.unit
@@ -135,7 +136,7 @@ def test_event_type_and_available_at() -> None:
     rejected("event_type", event_type="")
     rejected("event_type", event_type=3)
     rejected("available_at", available_at=datetime(2026, 1, 1))  # naive: ambiguous
-    when = datetime(2030, 1, 1, tzinfo=UTC)
+    when = datetime.now(UTC).replace(microsecond=0) + timedelta(days=300)
     assert OutboxEvent(topic="t", payload={}, available_at=when).available_at == when
 
 
@@ -152,3 +153,73 @@ def test_same_key_same_bucket() -> None:
     assert a.bucket == b.bucket
     a.key = "order-43"
     assert a.bucket == OutboxEvent(topic="t", payload={}, key="order-43").bucket
+
+
+# -- what is published is what was checked (hardening) ----------------------------------------
+
+
+def test_the_payload_limit_counts_the_json_as_postgres_renders_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """jsonb renders `[0, 0]` with a space after each comma: that is what the relay sends."""
+    monkeypatch.setenv("OUTBOX_MAX_PAYLOAD_BYTES", "1000")
+    fits = [0] * 333  # 1 + 333 + 332 * 2 + 1 = 999 bytes as rendered
+    assert len(json.dumps(fits)) == 999
+    OutboxEvent(topic="t", payload=fits)
+    over = [0] * 334  # 1,002 bytes as rendered, though 669 compact
+    assert "1002 bytes" in rejected("payload", payload=over).problem
+
+
+def test_headers_have_a_size_limit() -> None:
+    problem = rejected("headers", headers={"trace": "x" * (64 * 1024)}).problem
+    assert "limit" in problem
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda e: e.payload.__setitem__("blob", "x" * (2 * 1024 * 1024)), "payload"),
+        (lambda e: e.headers.__setitem__("outbox-id", "spoofed"), "headers"),
+        (lambda e: e.headers.__setitem__("n", 1), "headers"),
+    ],
+    ids=["payload-grown", "reserved-header", "int-header"],
+)
+def test_changes_after_construction_are_checked_at_flush(change: Any, field: str) -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from outbox import metadata
+
+    engine = create_engine("sqlite://")
+    metadata.create_all(engine)
+    event = OutboxEvent(topic="t", payload={"a": 1}, headers={"h": "v"})
+    change(event)
+    with Session(engine) as session:
+        session.add(event)
+        with pytest.raises(OutboxValidationError) as info:
+            session.flush()
+    assert info.value.field == field
+    engine.dispose()
+
+
+def test_deep_nesting_is_a_validation_error() -> None:
+    deep: list[Any] = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert "nested" in rejected("payload", payload=deep).problem
+
+
+def test_available_at_is_bounded() -> None:
+    far = datetime(9999, 1, 1, tzinfo=UTC)
+    assert "later than" in rejected("available_at", available_at=far).problem
+
+
+def test_a_spoofed_relay_header_does_not_win_for_consumers() -> None:
+    from outbox.envelope import Envelope
+
+    event = Envelope(7, uuid7(), "t", "k", b"{}", headers={"outbox-id": "spoofed", "h": "v"})
+    headers = event.kafka_headers()
+    assert [name for name, _ in headers].count("outbox-id") == 1
+    back = Envelope.from_kafka("t", b"k", b"{}", [*headers, ("outbox-id", b"spoofed")])
+    assert back.id == event.id
+    assert back.headers == {"h": "v"}
