@@ -130,6 +130,7 @@ def main() -> None:
 @setting_option("topic_prefix")
 @setting_option("jsonl_path")
 @setting_option("batch_size", type=int)
+@setting_option("max_batch_bytes", type=int)
 @setting_option("poll_interval", type=float)
 @setting_option("lease_seconds", type=float)
 @setting_option("max_attempts", type=int)

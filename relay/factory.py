@@ -16,10 +16,14 @@ def build_store(settings: RelaySettings) -> Store:
     if is_sqlite(settings.database_url):
         from relay.stores.sqlite import SqliteStore
 
-        return SqliteStore(settings.database_url)
+        return SqliteStore(settings.database_url, max_batch_bytes=settings.max_batch_bytes)
     from relay.stores.postgres import PostgresStore
 
-    return PostgresStore(settings.database_url, lease_seconds=settings.lease_seconds)
+    return PostgresStore(
+        settings.database_url,
+        lease_seconds=settings.lease_seconds,
+        max_batch_bytes=settings.max_batch_bytes,
+    )
 
 
 def build_publisher(settings: RelaySettings) -> Publisher:

@@ -10,32 +10,48 @@
 -- locks are needed. $3: seqs already in flight in this relay (claimed while the previous batch is
 -- published). `held_behind` is set for an event of a quarantined key: the id of the poison
 -- event it must be parked behind.
+-- At most $2 events, and at most $4 bytes of payload (the first event always): `upto` sums the
+-- payloads' stored sizes, and a compressed (toasted) payload counts 4 times its stored size,
+-- so the relay's memory follows bytes, not only the event count, without Postgres having to
+-- decompress payloads that will not be sent.
 -- Cost: an index scan of the primary key in seq order. Each of the two per-key checks is an
 -- InitPlan run once per claim ("is any row waiting / any key held at all?") and, only when that
 -- is true, one probe per row into a small partial index of the waiting rows / held keys; so
 -- the claim does not slow down with the number of waiting rows or quarantined keys.
 -- "w.available_at > w.created_at" always holds for a waiting row (now() >= created_at); it
 -- matches the partial indexes' predicate.
-SELECT e.seq, e.id, e.topic, e.key, e.payload, e.headers, e.event_type, e.created_at, e.attempts,
-       CASE WHEN e.key IS NOT NULL
-                 AND (SELECT EXISTS (SELECT 1 FROM outbox_dead_letters WHERE holds_key))
-            THEN (SELECT coalesce(q.held_behind, q.event_id) FROM outbox_dead_letters AS q
-                  WHERE q.key = e.key AND q.holds_key
-                  ORDER BY q.original_seq LIMIT 1)
-       END AS held_behind
-FROM outbox_events AS e
-WHERE e.available_at <= now()
-  AND e.bucket = ANY (ARRAY(SELECT l.bucket FROM outbox_bucket_leases AS l
-                       WHERE l.owner = $1 AND l.lease_until > now()))
-  AND e.seq <> ALL ($3::bigint[])
-  AND (e.key IS NULL
-       OR NOT (SELECT EXISTS (SELECT 1 FROM outbox_events AS w
-                              WHERE w.available_at > now() AND w.available_at > w.created_at))
-       OR NOT EXISTS (SELECT 1 FROM outbox_events AS w
-                      WHERE w.key = e.key AND w.seq < e.seq
-                        AND w.available_at > w.created_at AND w.available_at > now()))
-ORDER BY e.seq
-LIMIT $2;
+SELECT c.seq, c.id, c.topic, c.key, c.payload, c.headers, c.event_type, c.created_at,
+       c.attempts, c.held_behind, c.upto
+FROM (
+    SELECT e.seq, e.id, e.topic, e.key, e.payload, e.headers, e.event_type, e.created_at,
+           e.attempts,
+           CASE WHEN e.key IS NOT NULL
+                     AND (SELECT EXISTS (SELECT 1 FROM outbox_dead_letters WHERE holds_key))
+                THEN (SELECT coalesce(q.held_behind, q.event_id) FROM outbox_dead_letters AS q
+                      WHERE q.key = e.key AND q.holds_key
+                      ORDER BY q.original_seq LIMIT 1)
+           END AS held_behind,
+           pg_column_size(e.payload)
+             * CASE WHEN pg_column_compression(e.payload) IS NULL THEN 1 ELSE 4 END AS size,
+           sum(pg_column_size(e.payload)
+               * CASE WHEN pg_column_compression(e.payload) IS NULL THEN 1 ELSE 4 END)
+             OVER (ORDER BY e.seq ROWS UNBOUNDED PRECEDING) AS upto
+    FROM outbox_events AS e
+    WHERE e.available_at <= now()
+      AND e.bucket = ANY (ARRAY(SELECT l.bucket FROM outbox_bucket_leases AS l
+                           WHERE l.owner = $1 AND l.lease_until > now()))
+      AND e.seq <> ALL ($3::bigint[])
+      AND (e.key IS NULL
+           OR NOT (SELECT EXISTS (SELECT 1 FROM outbox_events AS w
+                                  WHERE w.available_at > now() AND w.available_at > w.created_at))
+           OR NOT EXISTS (SELECT 1 FROM outbox_events AS w
+                          WHERE w.key = e.key AND w.seq < e.seq
+                            AND w.available_at > w.created_at AND w.available_at > now()))
+    ORDER BY e.seq
+    LIMIT $2
+) AS c
+WHERE c.upto - c.size < $4
+ORDER BY c.seq;
 
 -- name: delete_delivered --
 DELETE FROM outbox_events

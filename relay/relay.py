@@ -257,7 +257,7 @@ class Relay:
                     batch = [e for e in claim.events if pipe.gate.admits(e)]
                     parked = [d for d in claim.parked if pipe.gate.admits(d)]
                     pipe.pass_over(claim, len(batch) + len(parked))
-                    if len(claim) == self.batch_size and not self._stopping.is_set():
+                    if claim.full and not self._stopping.is_set():
                         in_flight = [e.seq for e in batch] + [d.seq for d in parked]
                         exclude = in_flight + pipe.settling_seqs + pipe.passed_over
                         pipe.prefetch = asyncio.create_task(
@@ -300,7 +300,7 @@ class Relay:
                 await self._notify()
                 # Only a fresh claim tells that the work ran out: a prefetched one left out
                 # what was in flight or passed over, so a fresh claim follows it at once.
-                if fresh and len(claim) < self.batch_size and not self._stopping.is_set():
+                if fresh and not claim.full and not self._stopping.is_set():
                     delay = pacer.after_claim(found=bool(claim), announced=announced)
                     announced = await self._wait_for_work(delay)
             await pipe.finish_settling()  # stopping: what was published gets recorded

@@ -109,6 +109,8 @@ class Claim:
 
     events: list[Envelope] = field(default_factory=list)
     parked: list[Dead] = field(default_factory=list)
+    #: The claim stopped at its event limit or its byte budget: more may be waiting.
+    full: bool = False
 
     def __len__(self) -> int:
         return len(self.events) + len(self.parked)

@@ -34,6 +34,11 @@ class RelaySettings(BaseSettings):
     topic_prefix: str = Field("", description="prefix added to every topic / stream name")
     jsonl_path: str | None = Field(None, description="stdout broker: append to this file")
     batch_size: int = Field(500, ge=1, le=10_000, description="events claimed per batch")
+    max_batch_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="payload bytes claimed per batch, at most (one bigger event still goes)",
+    )
     poll_interval: float = Field(
         1.0, gt=0, le=3600, description="longest wait in seconds between polls of an idle relay"
     )

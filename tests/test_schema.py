@@ -188,7 +188,11 @@ async def test_claim_is_an_index_scan_whatever_waits(database_url: str, waiting:
         plan = "\n".join(
             r[0]
             for r in await pg.fetch(
-                "EXPLAIN (ANALYZE, BUFFERS) " + QUERIES["claim_batch"], "r1", 500, list(range(501))
+                "EXPLAIN (ANALYZE, BUFFERS) " + QUERIES["claim_batch"],
+                "r1",
+                500,
+                list(range(501)),
+                2**24,
             )
         )
     finally:

@@ -40,6 +40,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+#: A new store claims at most this many rows, then doubles while claims fit the byte budget.
+ROW_CAP_START = 32
+ROW_CAP_MAX = 1 << 20
+
 #: Planner settings of the relay's sessions. Every statement of the relay is built to walk an
 #: index (the claim: the primary key in seq order, with probes into small partial indexes),
 #: and its cost must not depend on the statistics of the moment. Left alone, the planner
@@ -79,12 +83,16 @@ class PostgresStore:
         lease_seconds: float = 15.0,
         pool_size: int = 4,
         listen: bool = True,
+        max_batch_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self._dsn = asyncpg_dsn(database_url)
         self._safe_url = redact(database_url)
         self.lease_seconds = lease_seconds
         self._pool_size = pool_size
         self._listen = listen
+        #: A claim's payload budget (estimated from stored sizes, see `claim_batch`).
+        self.max_batch_bytes = max_batch_bytes
+        self._row_cap = ROW_CAP_START
         self._pool: asyncpg.Pool | None = None
         self._relay_id = ""
         self._wake: Callable[[], None] | None = None
@@ -138,7 +146,10 @@ class PostgresStore:
 
     async def claim(self, limit: int, exclude: Sequence[int] = ()) -> Claim:
         try:
-            rows = await self.pool.fetch(QUERIES["claim_batch"], self._relay_id, limit, exclude)
+            capped = min(limit, self._row_cap)
+            rows = await self.pool.fetch(
+                QUERIES["claim_batch"], self._relay_id, capped, exclude, self.max_batch_bytes
+            )
         except CONNECTION_ERRORS as exc:
             raise StoreUnavailableError(str(exc)) from exc
         # Positional, in the claim's column order: a sixth of the relay's CPU went here.
@@ -161,7 +172,20 @@ class PostgresStore:
         )
         if len(claim.events) < len(rows):
             claim.parked = [park(r[0], r[3], r[9]) for r in rows if r[9] is not None]
+        claim.full = len(rows) == capped or bool(rows and rows[-1][10] >= self.max_batch_bytes)
+        self._adapt_row_cap(rows, capped)
         return claim
+
+    def _adapt_row_cap(self, rows: Sequence[Any], capped: int) -> None:
+        """The claim's byte budget is estimated from stored sizes; a payload that compresses
+        well (toasted) is much bigger in memory than on disk. So the claim also learns, from
+        the bytes it really got, how many rows fit the budget: it starts small and doubles
+        while claims fit (TCP's slow start), and shrinks at once when one did not."""
+        got = sum(len(r[4]) for r in rows)
+        if got > self.max_batch_bytes and len(rows) > 1:
+            self._row_cap = max(1, len(rows) * self.max_batch_bytes // got)
+        elif len(rows) == capped:
+            self._row_cap = min(self._row_cap * 2, ROW_CAP_MAX)
 
     async def mark_delivered(self, seqs: Sequence[int]) -> int:
         return _count(await self._run("delete_delivered", self._relay_id, seqs))

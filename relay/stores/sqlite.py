@@ -179,10 +179,13 @@ class SqliteStore:
         *,
         clock: Callable[[], datetime] = utc_now,
         busy_timeout: float = 5.0,
+        max_batch_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.path = database_path(database_url)
         self._clock = clock
         self._busy_timeout_ms = int(busy_timeout * 1000)
+        #: A claim's payload budget (the first event always goes).
+        self.max_batch_bytes = max_batch_bytes
         self._conn: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()  # one statement sequence (transaction) at a time
         self._relay_id = ""
@@ -264,6 +267,13 @@ class SqliteStore:
             rows = await conn.execute_fetchall(CLAIM_BATCH, params)
         skip = set(exclude)
         rows = [row for row in rows if row[0] not in skip][:limit]
+        full = len(rows) == limit
+        budget = self.max_batch_bytes
+        for i, row in enumerate(rows):  # the byte budget, as Postgres's claim_batch
+            budget -= len(row[4])
+            if budget <= 0:
+                full, rows = True, rows[: i + 1]
+                break
         claim = Claim(
             [
                 Envelope(
@@ -283,6 +293,7 @@ class SqliteStore:
         )
         if len(claim.events) < len(rows):
             claim.parked = [park(r[0], r[3], uuid.UUID(r[9])) for r in rows if r[9] is not None]
+        claim.full = full
         return claim
 
     async def mark_delivered(self, seqs: Sequence[int]) -> int:
