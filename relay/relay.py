@@ -285,6 +285,9 @@ class Relay:
                             continue
                         if batch:
                             self._broker_up()
+                    if pipe.prefetch is None:
+                        await pipe.finish_settling()  # its errors are the store's, handled here
+                        self.stats.idle = fresh and not claim
                     store_backoff.record_success()
                 except StoreUnavailableError as exc:
                     await pipe.reset()
@@ -294,16 +297,16 @@ class Relay:
                     log.warning("store_unavailable", error=str(exc), retry_in=round(pause, 2))
                     await self._sleep(pause)
                     continue
-                if pipe.prefetch is None:
-                    await pipe.finish_settling()
-                    self.stats.idle = fresh and not claim
                 await self._notify()
                 # Only a fresh claim tells that the work ran out: a prefetched one left out
                 # what was in flight or passed over, so a fresh claim follows it at once.
                 if fresh and not claim.full and not self._stopping.is_set():
                     delay = pacer.after_claim(found=bool(claim), announced=announced)
                     announced = await self._wait_for_work(delay)
-            await pipe.finish_settling()  # stopping: what was published gets recorded
+            try:
+                await pipe.finish_settling()  # stopping: what was published gets recorded
+            except StoreUnavailableError as exc:  # then it is published again later
+                log.warning("store_unavailable", error=str(exc), during="shutdown")
         finally:
             await pipe.reset()
 

@@ -21,6 +21,15 @@ import pytest
 from outbox.urls import asyncpg_dsn
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        default=False,
+        help="run the chaos scenarios (tests/test_chaos.py) longer: more kills, longer outages",
+    )
+
+
 def _service(var: str) -> str:
     value = os.environ.get(var)
     if value:

@@ -15,7 +15,7 @@ from outbox.envelope import Envelope
 from relay.ordering import PoisonPolicy
 from relay.relay import Relay, RelayStats
 from relay.retry import CircuitBreaker, PollPacer, RetryPolicy
-from relay.seams import Claim, Failure, PublishResult, Verdict
+from relay.seams import Claim, Failure, PublishResult, StoreUnavailableError, Verdict
 from relay.stores.sqlite import SqliteStore
 from relay.testing import FaultInjector
 from tests.fakes import FakeClock, OutboxDb, RecordingPublisher, TrackedSqliteStore
@@ -549,3 +549,33 @@ async def test_a_partial_broker_refusal_keeps_what_was_acked_and_counts_nothing(
     await task
     assert [e.seq for e in publisher.published] == seqs(list(ev.values()))
     assert relay.stats.retried == relay.stats.dead_lettered == 0
+
+
+class FailsToSettleOnce(TrackedSqliteStore):
+    """The database drops out exactly while the deletes of a published batch are written."""
+
+    def __init__(self, db: OutboxDb) -> None:
+        super().__init__(db.url, clock=db.clock)
+        self.failed = False
+
+    async def mark_delivered(self, seqs: Sequence[int]) -> int:
+        if not self.failed:
+            self.failed = True
+            raise StoreUnavailableError("connection was closed in the middle of operation")
+        return await super().mark_delivered(seqs)
+
+
+async def test_the_store_failing_while_a_settle_finishes_is_an_outage_not_a_crash(
+    db: OutboxDb,
+) -> None:
+    """Found by the chaos suite: the settle awaited when the relay goes idle raised past the
+    loop's handler, and `outbox-relay run` exited 1."""
+    events = [await db.add(key=f"k{i}") for i in range(3)]
+    store = FailsToSettleOnce(db)
+    recorder = RecordingPublisher()
+    relay = make_relay(store, recorder)
+    stats = await relay.drain()  # raises if the loop crashed
+    assert stats.store_failures == 1
+    assert await db.pending() == []
+    # Published, not recorded, so published again: at-least-once, in order per key.
+    assert [e.seq for e in recorder.published] == seqs(events) * 2
