@@ -5,24 +5,19 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 
 import asyncpg
 import pytest
+
+from tests.test_schema import outbox_cli
 
 pytestmark = pytest.mark.unit
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`outbox-relay ARGS` with no OUTBOX_* variable of ours but `env`."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")} | env
-    return subprocess.run(
-        [sys.executable, "-m", "relay.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=environ,
-        check=False,
-    )
+    return outbox_cli(*args, env=environ)
 
 
 @pytest.mark.parametrize("flag", ["--backoff-max", "--shutdown-timeout", "--poll-interval"])
