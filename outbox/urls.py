@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+import re
 
 _PG_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg", "postgresql+psycopg")
 
@@ -35,14 +35,47 @@ def sqlalchemy_async_url(url: str) -> str:
     raise ValueError(f"database_url: {redact(url)!r} is neither postgresql:// nor sqlite://")
 
 
+#: `scheme:` and, when present, `//`: where a URL's user information starts.
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:(//)?")
+#: Passwords of the URLs this process was given, and their pieces: masked in any text.
+_SECRETS: set[str] = set()
+
+
 def redact(url: str) -> str:
-    """The URL with its password replaced by '***', safe to log."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    if parts.password is None:
+    """The URL with its password replaced by '***', safe to log, whatever its shape: an
+    unescaped '#', '?' or '/' in the password, a missing '//' or scheme. The last '@' ends the
+    user information; without `scheme://` the user cannot be told apart, so all of it goes."""
+    at = url.rfind("@")
+    if at < 0:
         return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = (parts.username or "") + ":***"
-    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
+    scheme = _SCHEME.match(url)
+    if scheme is None or scheme.group(1) is None:
+        return "***" + url[at:]
+    userinfo = url[scheme.end() : at]
+    if ":" not in userinfo:
+        return url  # a user name only
+    return f"{url[: scheme.end()]}{userinfo.split(':', 1)[0]}:***{url[at:]}"
+
+
+def register_secret(url: str | None) -> None:
+    """Remember the password of `url` (and its pieces, as a parser that split it at '#', '?',
+    '/' or ':' would quote them), so that `redact_text` masks it wherever it shows up."""
+    if not url or "@" not in url:
+        return
+    userinfo = url[: url.rfind("@")]
+    scheme = _SCHEME.match(userinfo)
+    if scheme is not None and scheme.group(1) is not None:
+        userinfo = userinfo[scheme.end() :]
+    password = userinfo.split(":", 1)[1] if ":" in userinfo else userinfo
+    pieces = {password, *re.split(r"[#?/:@]", password)}
+    _SECRETS.update(piece for piece in pieces if len(piece) >= 3)
+
+
+def redact_text(text: str) -> str:
+    """`text` with every URL's password and every registered secret masked."""
+    if "@" in text:
+        text = " ".join(redact(word) if "@" in word else word for word in text.split(" "))
+    for secret in sorted(_SECRETS, key=len, reverse=True):  # longest first: whole before pieces
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text

@@ -17,25 +17,21 @@ from typing import Any, NoReturn, TypeVar
 import click
 from pydantic import ValidationError
 
-from outbox.urls import redact
+from outbox.urls import redact_text, register_secret
 from relay.logs import configure_logging
 from relay.settings import RelaySettings
 
 T = TypeVar("T")
 
 
-def redact_urls(text: str) -> str:
-    return " ".join(redact(word) if "://" in word else word for word in text.split(" "))
-
-
 def one_line(exc: BaseException) -> str:
     """`ErrorClass: first line of the message`, with passwords in URLs redacted."""
     text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {redact_urls(text)}"
+    return f"{type(exc).__name__}: {redact_text(text)}"
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"outbox-relay: error: {message}", err=True)
+    click.echo(f"outbox-relay: error: {redact_text(message)}", err=True)
     sys.exit(code)
 
 
@@ -77,14 +73,21 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     except KeyboardInterrupt:
         fail("interrupted", 130)
     except ConfigurationError as exc:
-        fail(redact_urls(str(exc)), 2)
+        fail(redact_text(str(exc)), 2)
     except Exception as exc:  # noqa: BLE001 - one line on stderr, never a traceback
         fail(one_line(exc), 1)
+
+
+def remember_secret(_: click.Context, __: click.Parameter, value: str | None) -> str | None:
+    register_secret(value)
+    return value
 
 
 def setting_option(name: str, **kw: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """A flag backed by the RelaySettings field of the same name and its OUTBOX_* variable."""
     field = RelaySettings.model_fields[name]
+    if name.endswith("_url"):  # its password is masked wherever it shows up
+        kw["callback"] = remember_secret
     return click.option(
         f"--{name.replace('_', '-')}",
         name,

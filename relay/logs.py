@@ -8,12 +8,24 @@ from typing import Literal
 
 import structlog
 
+from outbox.urls import redact_text
+
 LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+
+
+def redact_secrets(
+    _: structlog.typing.WrappedLogger, __: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """Mask URL passwords and the registered secrets in every string of a log line."""
+    for name, value in event.items():
+        if isinstance(value, str):
+            event[name] = redact_text(value)
+    return event
 
 
 def configure_logging(
@@ -29,6 +41,7 @@ def configure_logging(
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            redact_secrets,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),

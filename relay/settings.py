@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from outbox.urls import is_postgres, is_sqlite, redact
+from outbox.urls import is_postgres, is_sqlite, redact, register_secret
 
 
 def default_relay_id() -> str:
@@ -58,6 +58,13 @@ class RelaySettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="lowest log level written"
     )
+
+    @field_validator("database_url", "redis_url", mode="before")
+    @classmethod
+    def _remember_secrets(cls, value: object) -> object:
+        if isinstance(value, str):
+            register_secret(value)  # masked in every log line and error from now on
+        return value
 
     @field_validator("database_url")
     @classmethod
