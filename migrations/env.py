@@ -12,10 +12,9 @@ import os
 from alembic import context
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import async_engine_from_config
 
 from outbox.models import metadata
-from outbox.urls import sqlalchemy_async_url
+from outbox.urls import async_engine
 
 VERSION_TABLE = "outbox_alembic_version"
 
@@ -31,7 +30,7 @@ def _url() -> str:
     )
     if not url:
         raise RuntimeError("no database URL: set OUTBOX_DATABASE_URL or pass -x url=...")
-    return sqlalchemy_async_url(url)
+    return url
 
 
 def _include_object(obj: object, name: str | None, type_: str, reflected: bool, _: object) -> bool:
@@ -53,7 +52,10 @@ def _configure(connection: Connection | None = None, **kw: object) -> None:
 
 
 def run_migrations_offline() -> None:
-    _configure(url=_url(), literal_binds=True, dialect_opts={"paramstyle": "named"})
+    # Printing SQL needs only the dialect: the URL's scheme.
+    _configure(
+        url=_url().split("?", 1)[0], literal_binds=True, dialect_opts={"paramstyle": "named"}
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -65,9 +67,7 @@ def _run_sync(connection: Connection) -> None:
 
 
 async def run_migrations_online() -> None:
-    section = config.get_section(config.config_ini_section) or {}
-    section["sqlalchemy.url"] = _url()
-    engine = async_engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)
+    engine = async_engine(_url(), poolclass=pool.NullPool)  # TLS parameters of the URL work
     async with engine.connect() as connection:
         await connection.run_sync(_run_sync)
     await engine.dispose()

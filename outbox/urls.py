@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 _PG_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg", "postgresql+psycopg")
 
@@ -19,17 +25,76 @@ def is_sqlite(url: str) -> bool:
     return _scheme(url).startswith("sqlite")
 
 
+#: SQLAlchemy's asyncpg spelling `ssl=...` → libpq's `sslmode=...`.
+_SSL_TO_SSLMODE = {"true": "require", "1": "require", "on": "require", "yes": "require"} | {
+    "false": "disable",
+    "0": "disable",
+    "off": "disable",
+    "no": "disable",
+}
+#: libpq's TLS files, which asyncpg reads from a DSN but not as connect() keywords.
+_TLS_FILES = ("sslrootcert", "sslcert", "sslkey", "sslcrl", "sslpassword")
+
+
+def _with_query(url: str, rename: Callable[[str, str], tuple[str, str]]) -> str:
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url
+    params = [rename(k, v) for k, v in parse_qsl(query, keep_blank_values=True)]
+    return base + "?" + urlencode(params, safe="/:")
+
+
 def asyncpg_dsn(url: str) -> str:
-    """`postgresql+asyncpg://...` and friends → the plain DSN asyncpg takes."""
+    """`postgresql+asyncpg://...` and friends → the plain DSN asyncpg takes. libpq's TLS
+    parameters (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`) pass through, and `ssl=true`
+    becomes `sslmode=require`; PGSSLMODE and friends in the environment work as in libpq."""
     if not is_postgres(url):
         raise ValueError(f"database_url: {redact(url)!r} is not a postgresql:// URL")
-    return "postgresql://" + url.split("://", 1)[1]
+    dsn = "postgresql://" + url.split("://", 1)[1]
+    if "ssl=" not in dsn:
+        return dsn
+
+    def rename(key: str, value: str) -> tuple[str, str]:
+        if key == "ssl":
+            return "sslmode", _SSL_TO_SSLMODE.get(value.lower(), value)
+        return key, value
+
+    return _with_query(dsn, rename)
+
+
+def async_engine(url: str, **kw: Any) -> AsyncEngine:
+    """A SQLAlchemy async engine for `url` that connects as asyncpg itself would from the URL,
+    TLS files included (SQLAlchemy's asyncpg dialect passes URL parameters to asyncpg as
+    keywords, and `sslrootcert` is not one)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    if not is_postgres(url):
+        return create_async_engine(sqlalchemy_async_url(url), **kw)
+    import asyncpg
+
+    dsn = asyncpg_dsn(url)
+
+    async def connect() -> Any:
+        return await asyncpg.connect(dsn)
+
+    return create_async_engine("postgresql+asyncpg://", async_creator=connect, **kw)
 
 
 def sqlalchemy_async_url(url: str) -> str:
-    """A SQLAlchemy async URL for the same database (asyncpg / aiosqlite drivers)."""
+    """A SQLAlchemy async URL for the same database (asyncpg / aiosqlite drivers). With TLS
+    files in the URL, use `async_engine(url)` instead."""
     if is_postgres(url):
-        return "postgresql+asyncpg://" + url.split("://", 1)[1]
+        dsn = asyncpg_dsn(url)
+        if any(f"{name}=" in dsn for name in _TLS_FILES):
+            raise ValueError(
+                f"database_url: {redact(url)!r} names TLS files, which SQLAlchemy's asyncpg "
+                "dialect cannot pass on: build the engine with outbox.urls.async_engine(url)"
+            )
+
+        def rename(key: str, value: str) -> tuple[str, str]:
+            return ("ssl", value) if key == "sslmode" else (key, value)
+
+        return _with_query("postgresql+asyncpg://" + dsn.split("://", 1)[1], rename)
     if is_sqlite(url):
         return "sqlite+aiosqlite://" + url.split("://", 1)[1]
     raise ValueError(f"database_url: {redact(url)!r} is neither postgresql:// nor sqlite://")

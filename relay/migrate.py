@@ -9,9 +9,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from outbox.urls import sqlalchemy_async_url
+from outbox.urls import async_engine
 
 VERSION_TABLE = "outbox_alembic_version"
 
@@ -48,7 +47,7 @@ def head_revision() -> str:
 
 
 async def current_revision(database_url: str) -> str | None:
-    engine = create_async_engine(sqlalchemy_async_url(database_url))
+    engine = async_engine(database_url)
     try:
         async with engine.connect() as conn:
             return await conn.run_sync(

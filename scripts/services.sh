@@ -32,6 +32,7 @@ PG_DIR="$SVC/pg"
 PG_DATA="$PG_DIR/data"
 PG_RUN="$PG_DIR/run"
 PG_LOG="$PG_DIR/postgres.log"
+PG_TLS="$PG_DIR/tls"   # a self-signed certificate for 127.0.0.1: clients can verify-full
 
 REDIS_DIR="$SVC/redis"
 REDIS_PID="$REDIS_DIR/redis.pid"
@@ -195,6 +196,21 @@ pg_running() {
   pid_alive "$pid" && grep -qx 'postgres' "/proc/$pid/comm" 2>/dev/null
 }
 
+# A self-signed server certificate for 127.0.0.1 (once), so TLS is tested for real:
+# sslmode=require, and verify-full with sslrootcert=$PG_TLS/server.crt.
+pg_tls() {
+  [[ -s "$PG_TLS/server.crt" && -s "$PG_TLS/server.key" ]] && return 0
+  command -v openssl >/dev/null || apt_install openssl
+  mkdir -p "$PG_TLS"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=127.0.0.1" \
+    -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+    -keyout "$PG_TLS/server.key" -out "$PG_TLS/server.crt" >"$PG_DIR/openssl.log" 2>&1 ||
+    { show_log "$PG_DIR/openssl.log"; die "openssl could not make the server certificate"; }
+  chown -R postgres:postgres "$PG_TLS"
+  chmod 600 "$PG_TLS/server.key"
+  chmod 644 "$PG_TLS/server.crt"
+}
+
 pg_write_conf() {
   # Regenerated on every start so a moved checkout still gets the right paths.
   cat >"$PG_DATA/outbox.conf" <<EOF
@@ -212,6 +228,9 @@ log_min_messages = warning
 log_line_prefix = '%m [%p] %q%u@%d '
 log_timezone = 'UTC'
 timezone = 'UTC'
+ssl = on
+ssl_cert_file = '$PG_TLS/server.crt'
+ssl_key_file = '$PG_TLS/server.key'
 EOF
   chown postgres:postgres "$PG_DATA/outbox.conf"
   grep -q "^include_if_exists = 'outbox.conf'" "$PG_DATA/postgresql.conf" ||
@@ -282,6 +301,7 @@ start_postgres() {
       --auth-local=trust --auth-host=scram-sha-256 >"$PG_DIR/initdb.log" 2>&1 ||
       { show_log "$PG_DIR/initdb.log"; die "initdb failed"; }
   fi
+  pg_tls
   pg_write_conf
   if [[ -f "$PG_DATA/postmaster.pid" ]]; then
     # Left by a postmaster that died (or is a zombie, which postgres would take for a
