@@ -20,11 +20,11 @@ from datetime import datetime
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 from sqlalchemy import BigInteger, DateTime, Identity, Text, func
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from outbox import OutboxEvent
-from outbox.urls import sqlalchemy_async_url
+from outbox.urls import async_engine
 from relay.fastapi import outbox_lifespan
 from relay.relay import Relay
 from relay.settings import RelaySettings
@@ -67,7 +67,7 @@ class RelayStatus(BaseModel):
 def create_app(settings: RelaySettings | None = None) -> FastAPI:
     """The app; `settings` default to the OUTBOX_* environment variables."""
     settings = settings or RelaySettings()
-    engine = create_async_engine(sqlalchemy_async_url(settings.database_url))
+    engine = async_engine(settings.database_url)  # TLS parameters of the URL work too
     sessions = async_sessionmaker(engine, expire_on_commit=False)
     relay_lifespan = outbox_lifespan(settings)
 
