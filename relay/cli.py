@@ -145,6 +145,8 @@ def main() -> None:
 @setting_option("relay_id")
 @setting_option("log_format", type=click.Choice(["auto", "json", "console"]))
 @setting_option("log_level", type=click.Choice(["debug", "info", "warning", "error"]))
+@setting_option("metrics_port", type=int)
+@setting_option("metrics_host")
 def run(**given: Any) -> None:
     """Run the relay until SIGTERM or SIGINT."""
     settings = load_settings(**given)
@@ -156,7 +158,23 @@ def run(**given: Any) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, relay.request_stop)
-        await relay.run()
+        stop_metrics = None
+        if settings.metrics_port is not None:
+            from relay.metrics import serve_metrics
+            from relay.seams import ConfigurationError
+
+            try:
+                stop_metrics = serve_metrics(relay, settings.metrics_port, settings.metrics_host)
+            except OSError as exc:
+                where = f"{settings.metrics_host}:{settings.metrics_port}"
+                raise ConfigurationError(
+                    f"metrics_port: cannot serve /metrics on {where}: {exc.strerror or exc}"
+                ) from exc
+        try:
+            await relay.run()
+        finally:
+            if stop_metrics is not None:
+                stop_metrics()
 
     run_async(_main())
 

@@ -31,15 +31,20 @@ def redact_secrets(
 def configure_logging(
     fmt: Literal["auto", "json", "console"] = "auto", level: str = "info"
 ) -> None:
+    """The relay's own lines go straight from structlog to stderr (its fast path). Records of
+    the stdlib `logging` module (aiokafka, asyncpg, redis, uvicorn...) go through a root
+    handler that renders them the same way, with their logger name, and the same redaction:
+    one stream of JSON lines."""
     as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
     )
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            timestamper,
             structlog.processors.format_exc_info,
             redact_secrets,
             renderer,
@@ -48,3 +53,25 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                timestamper,
+                structlog.processors.format_exc_info,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                redact_secrets,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "outbox_relay", False)]:
+        root.removeHandler(old)
+    handler.outbox_relay = True  # type: ignore[attr-defined]  # found again on reconfiguring
+    root.addHandler(handler)
+    root.setLevel(LEVELS[level])

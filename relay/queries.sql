@@ -98,6 +98,18 @@ SELECT id, seq, topic, key, payload, headers, event_type, created_at,
        coalesce(first_failed_at, now()), now(), error_class, error_message, $1, holds, behind
 FROM moved;
 
+-- name: backlog --
+-- For the gauges, every few seconds: pending rows, counted exactly up to 1,000 (an index-only
+-- scan of the primary key) and above that Postgres's running estimate (pg_stat's n_live_tup,
+-- which follows inserts and deletes within seconds); and the age of the oldest pending event,
+-- the first one in seq order (one index probe).
+SELECT CASE WHEN counted < 1000 THEN counted
+            ELSE greatest(counted, (SELECT n_live_tup FROM pg_stat_user_tables
+                                    WHERE relid = 'outbox_events'::regclass)) END AS pending,
+       extract(epoch FROM now() - (SELECT created_at FROM outbox_events
+                                   ORDER BY seq LIMIT 1))::float8 AS oldest_age
+FROM (SELECT count(*) AS counted FROM (SELECT 1 FROM outbox_events LIMIT 1000) AS head) AS c;
+
 -- name: heartbeat --
 INSERT INTO outbox_relays (relay_id, hostname, pid) VALUES ($1, $2, $3)
 ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = now();

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import structlog
 
 from outbox.envelope import Envelope
+from relay.metrics import RelayMetrics
 from relay.ordering import KeyGate, PoisonPolicy, Settlement, sort_results
 from relay.retry import CircuitBreaker, PollPacer, RetryPolicy
 from relay.seams import (
@@ -64,6 +66,7 @@ class Relay:
         retry_policy: RetryPolicy | None = None,
         poison_policy: PoisonPolicy = PoisonPolicy.QUARANTINE,
         shutdown_timeout: float = 10.0,
+        backlog_interval: float = 5.0,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.store = store
@@ -76,6 +79,9 @@ class Relay:
         self.poison_policy = poison_policy
         self.shutdown_timeout = shutdown_timeout
         self.stats = RelayStats()
+        #: Counts for Prometheus (relay/metrics.py); kept whether or not anything scrapes.
+        self.metrics = RelayMetrics()
+        self.backlog_interval = backlog_interval
         self._rand = rand
         self._breaker = CircuitBreaker(rand=rand)
         self._wake = asyncio.Event()
@@ -93,6 +99,11 @@ class Relay:
     def wake(self) -> None:
         """New events may be there: claim now instead of at the next poll."""
         self._wake.set()
+
+    @property
+    def breaker_open(self) -> bool:
+        """Whether the broker circuit breaker is open (the broker is unavailable)."""
+        return self._breaker.is_open
 
     async def wait_for(self, predicate: Callable[[RelayStats], bool], timeout: float) -> None:
         """Wait until `predicate(stats)` holds (checked after every batch); TimeoutError if not."""
@@ -117,6 +128,7 @@ class Relay:
         )
         work = asyncio.create_task(self._loop(), name="outbox-relay-loop")
         leases = asyncio.create_task(self._renew_leases(), name="outbox-relay-leases")
+        backlog = asyncio.create_task(self._sample_backlog(), name="outbox-relay-backlog")
         stopping = asyncio.create_task(self._stopping.wait())
         try:
             await asyncio.wait({work, leases, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -130,9 +142,9 @@ class Relay:
                     )
         finally:
             self._stopping.set()
-            for task in (work, leases, stopping):
+            for task in (work, leases, backlog, stopping):
                 task.cancel()
-            await asyncio.gather(work, leases, stopping, return_exceptions=True)
+            await asyncio.gather(work, leases, backlog, stopping, return_exceptions=True)
             await self._shutdown()
             log.info(
                 "relay_stopped",
@@ -228,6 +240,19 @@ class Relay:
                 log.warning("store_unavailable", error=str(exc), during="lease_renewal")
             # Any other error ends this task, which stops the relay (see run()).
 
+    async def _sample_backlog(self) -> None:
+        """Pending events and the oldest one's age for the gauges: one cheap query every
+        `backlog_interval` seconds, never per batch."""
+        while True:
+            try:
+                self.metrics.backlog = await self.store.backlog()
+            except Exception as exc:  # noqa: BLE001 - a gauge never stops the relay
+                self.metrics.backlog = None  # the gauges vanish rather than lie
+                if not isinstance(exc, StoreUnavailableError):
+                    log.warning("backlog_sample_failed", error=repr(exc))
+            if await self._sleep(self.backlog_interval):
+                return
+
     async def _loop(self) -> None:
         """Claim → publish → settle, pipelined: while a batch is published, the next full
         batch is already being claimed, and the previous batch's deletes are being written.
@@ -239,6 +264,7 @@ class Relay:
         store_backoff = CircuitBreaker(rand=self._rand)
         pacer = PollPacer(self.poll_interval)
         announced = True  # whether a NOTIFY (not the timer) ended the last wait
+        polled = False  # whether this claim follows a wait the timer ended
         pipe = _Pipeline()
         try:
             while not self._stopping.is_set():
@@ -251,6 +277,9 @@ class Relay:
                         await self._rebalance_if_due()
                         self._wake.clear()
                         claim = await self.store.claim(self.batch_size)
+                        if polled:
+                            self.metrics.record_missed_wakeups(claim.events)
+                            polled = False
                     else:
                         claim = await pipe.take_prefetch()
                     # Parked events wait behind the gate too: they go to the dead letters in order.
@@ -303,6 +332,7 @@ class Relay:
                 if fresh and not claim.full and not self._stopping.is_set():
                     delay = pacer.after_claim(found=bool(claim), announced=announced)
                     announced = await self._wait_for_work(delay)
+                    polled = not announced
             try:
                 await pipe.finish_settling()  # stopping: what was published gets recorded
             except StoreUnavailableError as exc:  # then it is published again later
@@ -330,16 +360,19 @@ class Relay:
         self.stats.batches += 1
         self.stats.claimed += len(batch)
         log.debug("batch_claimed", size=len(batch), first_seq=batch[0].seq)
+        started = time.perf_counter()
         try:
             results = await self.publisher.publish(batch)
         except BrokerUnavailableError as exc:
             # Not the events' fault: nothing is marked; the leases keep them ours.
+            self.metrics.record_outage(type(exc).__name__, len(batch))
             await self._broker_down(str(exc), len(batch))
             return None
         if len(results) != len(batch):
             raise RuntimeError(
                 f"{self.publisher.name} returned {len(results)} results for {len(batch)} events"
             )
+        self.metrics.record_batch(batch, results, time.perf_counter() - started)
         return results
 
     async def _broker_down(self, error: str, batch: int) -> None:
@@ -376,6 +409,8 @@ class Relay:
         if plan.dead:
             changed += await self.store.move_to_dead_letters(plan.dead)
             self.stats.dead_lettered += len(plan.dead)
+            for dead in plan.dead:
+                self.metrics.dead_lettered[dead.error_class] += 1
             self.stats.parked += parked
             log.warning(
                 "moved_to_dead_letters",

@@ -116,6 +116,16 @@ class Claim:
         return len(self.events) + len(self.parked)
 
 
+@dataclass(slots=True)
+class Backlog:
+    """What one cheap query tells about the outbox table (see `Store.backlog`)."""
+
+    #: Rows in outbox_events: counted up to 1,000, Postgres's running estimate above.
+    pending: int
+    #: Seconds since the oldest pending event was written; None when there is none.
+    oldest_age: float | None
+
+
 class Store(Protocol):
     """Where pending events live. Every method that changes events is fenced by the relay's
     leases: it changes only events of buckets the relay still owns, and says how many it changed."""
@@ -142,6 +152,9 @@ class Store(Protocol):
 
     def on_new_events(self, wake: Callable[[], None]) -> None:
         """Call `wake` when new events may have been committed (NOTIFY); optional."""
+
+    async def backlog(self) -> Backlog:
+        """Pending events and the age of the oldest, cheaply (sampled for the gauges)."""
 
 
 class Publisher(Protocol):

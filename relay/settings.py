@@ -58,6 +58,10 @@ class RelaySettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="lowest log level written"
     )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve Prometheus /metrics on this port (off if unset)"
+    )
+    metrics_host: str = Field("0.0.0.0", description="address the /metrics server binds")  # noqa: S104
 
     @field_validator("database_url", "redis_url", mode="before")
     @classmethod

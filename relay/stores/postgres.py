@@ -16,7 +16,7 @@ import structlog
 from outbox.envelope import Envelope
 from outbox.urls import asyncpg_dsn, redact
 from outbox.validation import BUCKETS
-from relay.seams import Claim, Dead, Retry, StoreUnavailableError, park
+from relay.seams import Backlog, Claim, Dead, Retry, StoreUnavailableError, park
 from relay.sql import QUERIES
 
 log = structlog.get_logger("relay.store")
@@ -186,6 +186,14 @@ class PostgresStore:
             self._row_cap = max(1, len(rows) * self.max_batch_bytes // got)
         elif len(rows) == capped:
             self._row_cap = min(self._row_cap * 2, ROW_CAP_MAX)
+
+    async def backlog(self) -> Backlog:
+        try:
+            row = await self.pool.fetchrow(QUERIES["backlog"])
+        except CONNECTION_ERRORS as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+        assert row is not None
+        return Backlog(row["pending"], row["oldest_age"])
 
     async def mark_delivered(self, seqs: Sequence[int]) -> int:
         return _count(await self._run("delete_delivered", self._relay_id, seqs))

@@ -36,7 +36,7 @@ from outbox.envelope import Envelope
 from outbox.models import metadata
 from outbox.urls import is_sqlite, redact, sqlalchemy_async_url
 from outbox.validation import BUCKETS
-from relay.seams import Claim, Dead, Retry, StoreUnavailableError, park
+from relay.seams import Backlog, Claim, Dead, Retry, StoreUnavailableError, park
 
 # -- SQL ---------------------------------------------------------------------------------------
 # Named parameters (:now, ...) are bound by sqlite3. Times are naive UTC text (see above).
@@ -94,6 +94,10 @@ WHERE seq = :seq
        OR EXISTS (SELECT 1 FROM outbox_dead_letters AS q WHERE q.key = e.key AND q.holds_key))
 """
 
+
+BACKLOG = """
+SELECT count(*), (SELECT created_at FROM outbox_events ORDER BY seq LIMIT 1) FROM outbox_events
+"""
 
 TABLES_PRESENT = """
 SELECT count(*) FROM sqlite_master
@@ -345,3 +349,10 @@ class SqliteStore:
 
     def on_new_events(self, wake: Callable[[], None]) -> None:
         """SQLite has no NOTIFY: the relay finds new events by polling."""
+
+    async def backlog(self) -> Backlog:
+        async with self._guard() as conn:
+            rows = list(await conn.execute_fetchall(BACKLOG))
+        pending, oldest = rows[0]
+        age = None if oldest is None else (self._clock() - parse_db_time(oldest)).total_seconds()
+        return Backlog(pending, age)

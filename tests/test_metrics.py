@@ -1,0 +1,233 @@
+"""Prometheus metrics and the one log stream: in-process on SQLite, then the real CLI relay
+on Postgres and Kafka scraped over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from outbox import OutboxEvent
+from outbox.urls import async_engine
+from relay.logs import configure_logging
+from relay.metrics import relay_registry
+from relay.relay import Relay
+from relay.retry import RetryPolicy
+from relay.testing import FaultInjector
+from tests.fakes import FakeClock, OutboxDb, RecordingPublisher
+from tests.helpers import create_topic, eventually, relay_process
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition, by name and sorted labels."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[OutboxDb]:
+    outbox = await OutboxDb.create(tmp_path / "outbox.db", FakeClock())
+    yield outbox
+    await outbox.close()
+
+
+@pytest.mark.unit
+async def test_metrics_count_what_the_loop_did(db: OutboxDb) -> None:
+    poison = await db.add(topic="orders", key="k1")
+    for i in range(5):
+        await db.add(topic="orders", key=f"k{i}")  # k1's second event parks behind the poison
+    for _ in range(3):
+        await db.add(topic="users")
+    flaky = await db.add(topic="users", key="f")
+    publisher = FaultInjector.scripted(
+        RecordingPublisher(), failures={flaky.id: 1}, poison={poison.id}
+    )
+    relay = Relay(
+        db.store(),
+        publisher,
+        relay_id="m",
+        batch_size=100,
+        poll_interval=0.01,
+        retry_policy=RetryPolicy(base_seconds=3600),
+        rand=lambda: 0.0,
+    )
+    task = asyncio.create_task(relay.run())
+    await relay.wait_for(lambda s: s.delivered == 7 and s.dead_lettered == 2, timeout=10)
+
+    async def sampled() -> bool:
+        return relay.metrics.backlog is not None
+
+    await eventually(sampled, timeout=10)
+    relay.request_stop()
+    await task
+
+    got = samples(generate_latest(relay_registry(lambda: relay)).decode())
+    broker = ("broker", "fault-injector")
+    assert got["outbox_events_published_total", (broker, ("topic", "orders"))] == 4
+    assert got["outbox_events_published_total", (broker, ("topic", "users"))] == 3
+    failures = "outbox_publish_failures_total"
+    assert got[failures, (("error_class", "MessageRejected"), ("retriable", "false"))] == 1
+    assert got[failures, (("error_class", "InjectedError"), ("retriable", "true"))] == 1
+    assert got["outbox_retries_scheduled_total", ()] == 1
+    dead = "outbox_events_dead_lettered_total"
+    assert got[dead, (("error_class", "MessageRejected"),)] == 1
+    assert got[dead, (("error_class", "Quarantined"),)] == 1
+    assert got["outbox_delivery_latency_seconds_count", ()] == 7
+    assert got["outbox_publish_batch_duration_seconds_count", ()] >= 1
+    assert got["outbox_owned_buckets", ()] > 0
+    assert got["outbox_breaker_open", ()] == 0
+    assert got["outbox_pending_events", ()] >= 1  # the flaky event waits an hour
+    assert "process_resident_memory_bytes" in {name for name, _ in got}
+
+
+@pytest.mark.unit
+async def test_a_timed_poll_that_finds_new_events_counts_missed_wakeups(db: OutboxDb) -> None:
+    """SQLite has no NOTIFY, so every event committed while the relay waits is one a timed
+    poll finds unannounced; the first claim after start is not counted."""
+    await db.add()
+    relay = Relay(db.store(), RecordingPublisher(), relay_id="m", poll_interval=0.05)
+    task = asyncio.create_task(relay.run())
+    await relay.wait_for(lambda s: s.delivered == 1 and s.idle, timeout=10)
+    assert relay.metrics.missed_wakeups == 0
+    await db.add_all([OutboxEvent(topic="t", payload={}) for _ in range(3)])
+    await relay.wait_for(lambda s: s.delivered == 4, timeout=10)
+    relay.request_stop()
+    await task
+    assert relay.metrics.missed_wakeups == 3
+
+
+@pytest.mark.unit
+def test_stdlib_records_are_json_lines_with_their_logger_and_redacted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        configure_logging("json", "info")
+        configure_logging("json", "info")  # reconfiguring does not add a second handler
+        logging.getLogger("aiokafka.conn").error(
+            "Unable connect to %s", "postgresql://u:Sekr3t@db.example/x"
+        )
+        logging.getLogger("aiokafka").debug("below the level")
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    line = json.loads(lines[0])
+    assert line["logger"] == "aiokafka.conn"
+    assert line["level"] == "error"
+    assert line["event"].startswith("Unable connect to postgresql://u:")
+    assert "Sekr3t" not in lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_cli_relay_serves_metrics_and_logs_only_json(
+    database_url: str, kafka_bootstrap: str
+) -> None:
+    """The real `outbox-relay run --metrics-port`, scraped while it drains to Kafka; then a
+    relay whose Kafka is unreachable: the breaker gauge opens, and every stderr line is JSON,
+    aiokafka's own included."""
+    topic = f"metrics-{os.getpid()}-{time.monotonic_ns()}"
+    await create_topic(kafka_bootstrap, topic)
+    engine = async_engine(database_url)
+    async with AsyncSession(engine) as session, session.begin():
+        session.add_all(
+            [OutboxEvent(topic=topic, key=f"k{i % 7}", payload={"i": i}) for i in range(50)]
+        )
+    await engine.dispose()
+
+    async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        async with httpx.AsyncClient() as http:
+            try:
+                return samples((await http.get(f"http://127.0.0.1:{port}/metrics")).text)
+            except httpx.TransportError:
+                return {}
+
+    def start(bootstrap: str, port: int) -> subprocess.Popen[bytes]:
+        return relay_process(
+            database_url,
+            "--broker=kafka",
+            f"--kafka-bootstrap={bootstrap}",
+            f"--metrics-port={port}",
+            "--metrics-host=127.0.0.1",
+        )
+
+    published = ("outbox_events_published_total", (("broker", "kafka"), ("topic", topic)))
+    port = free_port()
+    proc = start(kafka_bootstrap, port)
+    try:
+
+        async def all_published() -> bool:
+            return (await scrape(port)).get(published) == 50
+
+        await eventually(all_published, timeout=60)
+        got = await scrape(port)
+        assert got["outbox_delivery_latency_seconds_count", ()] == 50
+        assert got["outbox_owned_buckets", ()] > 0
+        assert got["outbox_breaker_open", ()] == 0
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+    port = free_port()
+    proc = start(f"127.0.0.1:{free_port()}", port)  # nothing listens there
+    try:
+
+        async def breaker_open() -> bool:
+            return (await scrape(port)).get(("outbox_breaker_open", ())) == 1
+
+        await eventually(breaker_open, timeout=60)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    lines = [json.loads(line) for line in err.decode().splitlines()]  # every line is JSON
+    assert any(line.get("logger", "").startswith("aiokafka") for line in lines), lines[:5]
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        bad = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "relay.cli",
+                "run",
+                "--metrics-host=127.0.0.1",
+                f"--metrics-port={taken.getsockname()[1]}",
+            ],
+            env={**os.environ, "OUTBOX_DATABASE_URL": database_url, "OUTBOX_BROKER": "stdout"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.count("\n") == 1, bad.stderr
+    assert "metrics_port" in bad.stderr
