@@ -4,6 +4,7 @@
     OUTBOX_BROKER=redis uvicorn --factory examples.fastapi_app:create_app
     curl -X POST localhost:8000/orders -H 'content-type: application/json' \\
          -d '{"customer": "ada", "total_cents": 4200}'
+    curl localhost:8000/outbox/health/ready   # and /outbox/health/live, /outbox/metrics
 
 `POST /orders` inserts the order and adds an `OutboxEvent` in the same `AsyncSession`
 transaction: both commit or neither does. The relay runs in the app's lifespan and publishes the
@@ -25,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from outbox import OutboxEvent
 from outbox.urls import async_engine
-from relay.fastapi import outbox_lifespan
+from relay.fastapi import outbox_lifespan, outbox_router
 from relay.relay import Relay
 from relay.settings import RelaySettings
 
@@ -84,6 +85,8 @@ def create_app(settings: RelaySettings | None = None) -> FastAPI:
             await engine.dispose()
 
     app = FastAPI(title="orders (outbox example)", lifespan=lifespan)
+    # GET /outbox/health/live, /outbox/health/ready and /outbox/metrics (Prometheus).
+    app.include_router(outbox_router(relay_lifespan))
 
     @app.post("/orders", status_code=201)
     async def place_order(body: OrderIn) -> OrderOut:

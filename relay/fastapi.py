@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from outbox.urls import redact_text
 from relay.factory import build_relay
 from relay.relay import Relay
 from relay.retry import CircuitBreaker
 from relay.settings import RelaySettings
 
 if TYPE_CHECKING:
+    from fastapi import APIRouter
     from starlette.applications import Starlette
 
 log = structlog.get_logger("relay.fastapi")
@@ -131,6 +133,11 @@ class OutboxLifespan:
             self.restarts += 1
             log.info("relay_restarted", restarts=self.restarts)
 
+    @property
+    def running(self) -> bool:
+        """Whether the relay task runs (a relay waiting to be restarted counts)."""
+        return self._task is not None and not self._task.done()
+
     def _report(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
             log.warning("relay_task_cancelled")
@@ -153,3 +160,74 @@ def outbox_lifespan(
     own lifespan: `async with outbox_lifespan(settings)(app): yield`.
     """
     return OutboxLifespan(settings, relay, factory, restart_delay)
+
+
+def outbox_router(
+    lifespan: OutboxLifespan,
+    *,
+    prefix: str = "/outbox",
+    ready_timeout: float = 2.0,
+) -> APIRouter:
+    """Health probes and metrics of the relay that `lifespan` runs:
+
+    - `GET {prefix}/health/live`: 200 while the relay task runs (a crashed relay being
+      restarted counts as alive), 503 once it has ended;
+    - `GET {prefix}/health/ready`: 200 when the database answers within `ready_timeout`, the
+      broker's circuit breaker is closed, and the relay holds key buckets (or every bucket
+      has a live owner, so it is not needed); else 503 with the reasons;
+    - `GET {prefix}/metrics`: the Prometheus exposition of the relay's metrics.
+
+    Mind what a readiness probe does: an API pod that fails it gets no traffic. For a relay
+    embedded in an API, probe `/health/ready` from monitoring rather than from the pod's
+    readinessProbe, unless you want the API out of rotation while the broker is down."""
+    from fastapi import APIRouter, Response
+    from fastapi.responses import JSONResponse
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from relay.metrics import relay_registry
+
+    router = APIRouter(prefix=prefix, tags=["outbox"])
+    registry = relay_registry(lambda: lifespan.relay)
+
+    @router.get("/health/live")
+    async def live() -> JSONResponse:
+        relay, alive = lifespan.relay, lifespan.running
+        body = {
+            "status": "alive" if alive else "dead",
+            "relay_id": relay.relay_id if relay else None,
+            "restarts": lifespan.restarts,
+        }
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    @router.get("/health/ready")
+    async def ready() -> JSONResponse:
+        relay = lifespan.relay
+        if relay is None or not lifespan.running:
+            return JSONResponse({"status": "not ready", "reasons": ["relay not running"]}, 503)
+        reasons = []
+        try:
+            async with asyncio.timeout(ready_timeout):
+                backlog = await relay.store.backlog()
+        except Exception as exc:  # noqa: BLE001 - any failure means: not ready
+            reasons.append(f"database: {type(exc).__name__}: {redact_text(str(exc))}")
+            backlog = None
+        if relay.breaker_open:
+            reasons.append("broker: unavailable (circuit breaker open)")
+        owned = relay.stats.owned_buckets
+        if owned == 0 and (backlog is None or backlog.unowned_buckets > 0):
+            reasons.append("buckets: this relay holds none while some have no live owner")
+        body = {
+            "status": "not ready" if reasons else "ready",
+            "reasons": reasons,
+            "relay_id": relay.relay_id,
+            "owned_buckets": owned,
+            "pending_events": backlog.pending if backlog else None,
+            "oldest_pending_age_seconds": backlog.oldest_age if backlog else None,
+        }
+        return JSONResponse(body, status_code=503 if reasons else 200)
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router

@@ -192,6 +192,11 @@ class RelayCollector(Collector):
                 "Age of the oldest pending event (0 when there is none), sampled.",
                 value=m.backlog.oldest_age or 0.0,
             )
+            yield GaugeMetricFamily(
+                "outbox_unowned_buckets",
+                "Key buckets no live relay holds a lease on (their events wait), sampled.",
+                value=m.backlog.unowned_buckets,
+            )
         yield m.publish_seconds.family(
             "outbox_publish_batch_duration_seconds", "Time to publish one batch."
         )

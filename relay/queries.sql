@@ -102,12 +102,14 @@ FROM moved;
 -- For the gauges, every few seconds: pending rows, counted exactly up to 1,000 (an index-only
 -- scan of the primary key) and above that Postgres's running estimate (pg_stat's n_live_tup,
 -- which follows inserts and deletes within seconds); and the age of the oldest pending event,
--- the first one in seq order (one index probe).
+-- the first one in seq order (one index probe); and the buckets no live relay holds.
 SELECT CASE WHEN counted < 1000 THEN counted
             ELSE greatest(counted, (SELECT n_live_tup FROM pg_stat_user_tables
                                     WHERE relid = 'outbox_events'::regclass)) END AS pending,
        extract(epoch FROM now() - (SELECT created_at FROM outbox_events
-                                   ORDER BY seq LIMIT 1))::float8 AS oldest_age
+                                   ORDER BY seq LIMIT 1))::float8 AS oldest_age,
+       (SELECT count(*) FROM outbox_bucket_leases
+        WHERE owner IS NULL OR lease_until <= now())::int AS unowned_buckets
 FROM (SELECT count(*) AS counted FROM (SELECT 1 FROM outbox_events LIMIT 1000) AS head) AS c;
 
 -- name: heartbeat --

@@ -124,6 +124,8 @@ class Backlog:
     pending: int
     #: Seconds since the oldest pending event was written; None when there is none.
     oldest_age: float | None
+    #: Key buckets that no live relay holds a lease on: their events wait.
+    unowned_buckets: int = 0
 
 
 class Store(Protocol):

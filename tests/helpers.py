@@ -211,3 +211,11 @@ async def eventually(
             if await check():
                 return
             await asyncio.sleep(every)
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

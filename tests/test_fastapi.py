@@ -17,13 +17,13 @@ from fastapi import FastAPI
 
 from outbox.envelope import Envelope
 from outbox.urls import asyncpg_dsn
-from relay.fastapi import outbox_lifespan
+from relay.fastapi import outbox_lifespan, outbox_router
 from relay.relay import Relay
 from relay.seams import PublishResult
 from relay.settings import RelaySettings
 from relay.stores.sqlite import SqliteStore
 from tests.fakes import FakeClock, OutboxDb, RecordingPublisher
-from tests.helpers import eventually
+from tests.helpers import eventually, free_port
 
 TIMEOUT = 30.0
 #: What XREAD returns: [(stream, [(entry id, {field: value})])].
@@ -99,6 +99,18 @@ async def test_order_event_reaches_redis_and_leases_are_released(
             assert status["relay_id"] == settings.relay_id
             assert status["owned_buckets"] == 64  # the only live relay owns every bucket
             assert status["delivered"] == 1
+
+            live = await client.get("/outbox/health/live")
+            assert live.status_code == 200, live.text
+            assert live.json()["relay_id"] == settings.relay_id
+            ready = await client.get("/outbox/health/ready")
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["owned_buckets"] == 64
+            metrics = await client.get("/outbox/metrics")
+            assert metrics.headers["content-type"].startswith("text/plain")
+            assert 'outbox_events_published_total{broker="redis",topic="orders"} 1.0' in (
+                metrics.text
+            )
     assert relay.stats.stopped
 
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
@@ -216,3 +228,54 @@ async def eventually_relay(check: Callable[[], bool]) -> None:
         return check()
 
     await eventually(checked, timeout=TIMEOUT, every=0.01)
+
+
+@pytest.mark.postgres
+async def test_readiness_fails_with_the_reason_while_the_broker_is_down(database_url: str) -> None:
+    settings = RelaySettings(
+        database_url=database_url,
+        broker="redis",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        poll_interval=0.2,
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        relay: Relay = app.state.outbox_relay
+        await relay.wait_for(lambda s: s.broker_failures >= 1, timeout=TIMEOUT)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            assert (await client.get("/outbox/health/live")).status_code == 200
+            ready = await client.get("/outbox/health/ready")
+            assert ready.status_code == 503
+            assert ready.json()["reasons"] == ["broker: unavailable (circuit breaker open)"]
+            metrics = (await client.get("/outbox/metrics")).text
+            assert "outbox_breaker_open 1.0" in metrics
+
+
+@pytest.mark.postgres
+async def test_readiness_fails_while_the_database_is_unreachable() -> None:
+    settings = RelaySettings(
+        database_url=f"postgresql://outbox:secret-pw@127.0.0.1:{free_port()}/outbox",
+        broker="stdout",
+        poll_interval=0.2,
+    )
+    lifespan = outbox_lifespan(settings)
+    app = FastAPI(lifespan=lifespan)
+    app.include_router(outbox_router(lifespan))
+    async with app.router.lifespan_context(app):
+        relay: Relay = app.state.outbox_relay
+        await relay.wait_for(lambda s: s.store_failures >= 1, timeout=TIMEOUT)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            assert (await client.get("/outbox/health/live")).status_code == 200
+            ready = await client.get("/outbox/health/ready")
+            assert ready.status_code == 503
+            reasons = ready.json()["reasons"]
+            assert reasons[0].startswith("database: "), reasons
+            assert "buckets: this relay holds none" in reasons[-1]
+            assert "secret-pw" not in ready.text
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://app"
+    ) as client:
+        dead = await client.get("/outbox/health/live")
+        assert dead.status_code == 503  # the lifespan has ended: the relay is gone

@@ -28,7 +28,7 @@ from relay.relay import Relay
 from relay.retry import RetryPolicy
 from relay.testing import FaultInjector
 from tests.fakes import FakeClock, OutboxDb, RecordingPublisher
-from tests.helpers import create_topic, eventually, relay_process
+from tests.helpers import create_topic, eventually, free_port, relay_process
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -137,13 +137,6 @@ def test_stdlib_records_are_json_lines_with_their_logger_and_redacted(
     assert line["level"] == "error"
     assert line["event"].startswith("Unable connect to postgresql://u:")
     assert "Sekr3t" not in lines[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_cli_relay_serves_metrics_and_logs_only_json(
