@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from outbox.urls import asyncpg_dsn
 from outbox.validation import bucket_for
 from tests.helpers import ROOT, create_topic, eventually, read_all, services
+from tests.kafka_broker import KafkaBroker, free_port_run, kafka_available
 from tests.verifier import (
     DB_ERRORS,
     INSERT,
@@ -749,3 +750,72 @@ async def test_high_write_rate_while_relays_are_killed(
     )
     figures(report)
     print(f"[chaos] write rate {report.events / written:.0f} events/s committed")
+
+
+# -- 5b. Kafka killed while sends are in flight ----------------------------------------------
+
+
+@pytest.mark.kafka
+async def test_kafka_killed_mid_send_loses_and_dead_letters_nothing(
+    database_url: str, tmp_path: Path, soak: bool, fleets: list[Fleet]
+) -> None:
+    """A broker of our own (tests/kafka_broker.py) SIGKILLed under load, so sends are in
+    flight, and started again after the outage: nothing is lost, nothing is dead-lettered,
+    per-key order holds. Its data dir survives, as a crashed broker's disk does."""
+    if not kafka_available():
+        pytest.skip("no Kafka jars in .services/kafka/libs (run scripts/services.sh up)")
+    started = time.monotonic()
+    outage = 60.0 if soak else 10.0
+    broker = KafkaBroker("chaos-kill", free_port_run(2, 39092), auto_create=False)
+    try:
+        await asyncio.to_thread(broker.start)
+        topic = f"chaos-{uuid.uuid4().hex[:8]}"
+        await create_topic(broker.bootstrap, topic)
+        ledger = Ledger()
+        args: tuple[str, ...] = ("--broker", "kafka", "--kafka-bootstrap", broker.bootstrap)
+        args = (
+            *args,
+            *COMMON,
+            "--max-attempts",
+            "2",
+            "--backoff-base",
+            "0.1",
+            "--backoff-max",
+            "0.5",
+        )
+        relays = await start_fleet(fleets, database_url, tmp_path, args, 2)
+        async with writing(writers(database_url, topic, ledger, count=2, pause=0.01)):
+            await asyncio.sleep(2)
+            killed = time.monotonic()
+            await asyncio.to_thread(broker.kill)
+            await asyncio.sleep(outage)
+            attempts = await query(
+                database_url, "SELECT coalesce(max(attempts), 0) FROM outbox_events"
+            )
+            await asyncio.to_thread(broker.start)
+            back = time.monotonic()
+            recovered = await recovery(database_url, back)
+            await asyncio.sleep(1)
+        await wait_drained(database_url, relays=relays)
+        await stop_cleanly(relays)
+        assert attempts == 0  # the outage counted against no event
+        assert "broker_unavailable" in relays.log_text()
+        received = [
+            Arrival(e.id, e.key, json.loads(e.payload))
+            for e in await read_all(broker.bootstrap, topic)
+        ]
+        report = check(
+            "kafka killed",
+            ledger,
+            received,
+            duplicate_bound=2 * BATCH * 2,
+            dead_letter_ids=await dead_letter_ids(database_url),
+            outbox_left=await outbox_left(database_url),
+            faults=1,
+            recovery_seconds=[recovered],
+            started=started,
+        )
+        figures(report)
+        print(f"[chaos] kafka down {back - killed:.1f} s; drained {recovered:.2f} s after")
+    finally:
+        await asyncio.to_thread(broker.cleanup)
