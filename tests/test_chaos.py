@@ -37,6 +37,7 @@ from tests.verifier import (
     DB_ERRORS,
     INSERT,
     Arrival,
+    CommitCutter,
     Ledger,
     Report,
     Writer,
@@ -819,3 +820,44 @@ async def test_kafka_killed_mid_send_loses_and_dead_letters_nothing(
         print(f"[chaos] kafka down {back - killed:.1f} s; drained {recovered:.2f} s after")
     finally:
         await asyncio.to_thread(broker.cleanup)
+
+
+# -- 8. COMMITs with an unknown outcome -----------------------------------------------------
+
+
+@pytest.mark.redis
+async def test_commits_cut_mid_flight_arrive_whole_or_not_at_all(
+    database_url: str, redis_url: str, topic: str, tmp_path: Path, soak: bool, fleets: list[Fleet]
+) -> None:
+    """Writers connect through a proxy that breaks their connection during COMMIT (half the
+    time after Postgres got it). The writers cannot know those outcomes; the verifier checks
+    that each such transaction arrived whole or not at all, and that the committed ones
+    kept their key's order."""
+    started = time.monotonic()
+    cutter = CommitCutter(database_url, every=7)
+    await cutter.start()
+    ledger = Ledger()
+    relays = await start_fleet(fleets, database_url, tmp_path, redis_args(redis_url), 2)
+    try:
+        async with writing(writers(cutter.url(), topic, ledger, count=3, pause=0.01)):
+            await asyncio.sleep(30 if soak else 4)
+    finally:
+        await cutter.close()
+    await wait_drained(database_url, relays=relays)
+    await stop_cleanly(relays)
+    report = check(
+        "commits cut",
+        ledger,
+        await read_redis_stream(redis_url, topic),
+        duplicate_bound=0,
+        dead_letter_ids=await dead_letter_ids(database_url),
+        outbox_left=await outbox_left(database_url),
+        faults=cutter.cut_after + cutter.cut_before,
+        started=started,
+    )
+    figures(report)
+    assert cutter.cut_after > 0
+    assert cutter.cut_before > 0
+    assert report.unknown_transactions == cutter.cut_after + cutter.cut_before
+    # Postgres committed exactly those it was handed: they arrived, the others did not.
+    assert report.unknown_arrived == cutter.cut_after

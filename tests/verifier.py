@@ -22,6 +22,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -323,3 +324,81 @@ def check(
         recovery_seconds=list(recovery_seconds),
         seconds=time.monotonic() - started if started is not None else 0.0,
     )
+
+
+# -- COMMITs with an unknown outcome -------------------------------------------------------------
+
+#: asyncpg's COMMIT on the wire: a simple Query message ('Q', int32 length, text, NUL).
+COMMIT_MESSAGE = b"Q\x00\x00\x00\x0cCOMMIT;\x00"
+
+
+class CommitCutter:
+    """A TCP proxy in front of Postgres that breaks the connection of every `every`-th COMMIT,
+    alternately after handing the COMMIT to Postgres (it commits; the writer never hears) and
+    instead of handing it over (Postgres rolls back). Either way the writer sees its
+    connection break during COMMIT: an outcome it cannot know. Plain TCP only: connect
+    through `url()` (sslmode=disable)."""
+
+    def __init__(self, database_url: str, every: int = 10) -> None:
+        self._upstream = urlsplit(database_url)
+        self._every = every
+        self._commits = 0
+        self.cut_after = 0  # COMMITs handed over, then the connection cut
+        self.cut_before = 0  # COMMITs dropped, then the connection cut
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    def url(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        netloc = self._upstream.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{port}"
+        return urlunsplit(self._upstream._replace(netloc=netloc, query="sslmode=disable"))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        host, port = self._upstream.hostname or "127.0.0.1", self._upstream.port or 5432
+        try:
+            server_r, server_w = await asyncio.open_connection(host, port)
+        except OSError:
+            client_w.close()
+            return
+        muted = asyncio.Event()  # set: Postgres's replies no longer reach the writer
+        up = asyncio.create_task(self._pump(client_r, server_w, muted, watch=True))
+        down = asyncio.create_task(self._pump(server_r, client_w, muted, watch=False))
+        await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (up, down):
+            task.cancel()
+        for writer in (client_w, server_w):
+            writer.close()
+
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        muted: asyncio.Event,
+        *,
+        watch: bool,
+    ) -> None:
+        while chunk := await reader.read(65536):
+            if muted.is_set():
+                continue  # swallowed: the writer never hears
+            if watch and COMMIT_MESSAGE in chunk:
+                self._commits += 1
+                if self._commits % self._every == 0:
+                    muted.set()
+                    if (self._commits // self._every) % 2:
+                        self.cut_after += 1
+                        writer.write(chunk)
+                        await writer.drain()
+                        await asyncio.sleep(0.05)  # Postgres reads and runs the COMMIT
+                    else:
+                        self.cut_before += 1
+                    return
+            writer.write(chunk)
+            await writer.drain()
