@@ -8,6 +8,7 @@ import re
 import zlib
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from pydantic import BaseModel
@@ -35,6 +36,8 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 BUCKETS = 64
 #: A JSON-escaped NUL (\u0000) not itself escaped: Postgres jsonb cannot store it.
 _ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+#: A float that Python's JSON writes with an exponent (1e+300); maybe in a string, too.
+_EXPONENT = re.compile(r"\de[+-]\d")
 
 
 def max_payload_bytes() -> int:
@@ -140,8 +143,7 @@ def check_headers(headers: object) -> dict[str, str]:
 def check_payload(payload: object) -> tuple[Any, str]:
     """Return the JSON-ready payload and its JSON text, spaced as Postgres renders jsonb
     (`{"a": [1, 2]}`): that text, not a compact one, is what the relay publishes, so it is
-    what the size limit counts. (jsonb also writes numbers in full: 1e300 becomes 301 digits.
-    Such floats are rare in events; the limit does not model it.)"""
+    what the size limit counts, numbers written in full included (`_numbers_in_full`)."""
     if isinstance(payload, BaseModel):
         payload = payload.model_dump(mode="json")
     if not isinstance(payload, dict | list):
@@ -166,6 +168,8 @@ def check_payload(payload: object) -> tuple[Any, str]:
             raise OutboxValidationError(
                 "payload", "contains a lone surrogate; not valid UTF-8"
             ) from None
+    if "-0.0" in encoded or _EXPONENT.search(encoded):
+        size += _numbers_in_full(payload)
     limit = max_payload_bytes()
     if size > limit:
         raise OutboxValidationError(
@@ -174,6 +178,27 @@ def check_payload(payload: object) -> tuple[Any, str]:
             "(OUTBOX_MAX_PAYLOAD_BYTES)",
         )
     return payload, encoded
+
+
+def _numbers_in_full(value: object) -> int:
+    """How many more bytes jsonb's text has than Python's JSON for the floats in `value`:
+    jsonb keeps numbers as `numeric`, written without exponent (1e+300 is 301 digits, 1.5e-07
+    is 0.00000015), and it has no negative zero (-0.0 is 0.0)."""
+    extra = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, float):
+            text = repr(item)
+            if "e" in text:
+                extra += len(format(Decimal(text), "f")) - len(text)
+            elif item == 0 and text[0] == "-":
+                extra -= 1
+    return extra
 
 
 def check_available_at(value: object) -> datetime:

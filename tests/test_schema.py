@@ -300,3 +300,27 @@ async def test_enqueue_in_a_transaction_skips_sqlalchemy(
     assert [q for q in sent if q.startswith("INSERT")] == [INSERT_EVENT_SQL] * 2
     assert await pg.fetchval("SELECT array_agg(key) FROM outbox_events") == ["commit-True"]
     assert await pg.fetchval("SELECT count(*) FROM orders") == 1
+
+
+PAYLOADS_AS_JSONB_RENDERS_THEM: list[Any] = [
+    [1e300, -2.5e20, 1e16, 1.5e-7, 5e-324, 1.7976931348623157e308],
+    {"tiny": 1.25e-10, "big": [9.99e99, 0.1, 123456789.125], "e": "1e+300 in a string"},
+    [0, 1, -1, 10**40, 3.0, -0.0, 1e15],
+]
+
+
+@pytest.mark.parametrize("payload", PAYLOADS_AS_JSONB_RENDERS_THEM, ids=["floats", "mixed", "ints"])
+async def test_payload_size_is_what_postgres_renders(
+    pg: asyncpg.Connection, payload: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """jsonb writes numbers in full (1e300 as 301 digits): the limit counts that text."""
+    from outbox import OutboxValidationError
+    from outbox.validation import check_payload
+
+    monkeypatch.setenv("OUTBOX_MAX_PAYLOAD_BYTES", "1")
+    with pytest.raises(OutboxValidationError) as info:
+        check_payload(payload)
+    monkeypatch.delenv("OUTBOX_MAX_PAYLOAD_BYTES")
+    _, text = check_payload(payload)
+    rendered = await pg.fetchval("SELECT octet_length($1::jsonb::text)", text)
+    assert f"is {rendered} bytes" in info.value.problem
