@@ -31,6 +31,7 @@ RUNNERS: dict[str, Runner] = {
     "cost": fleet.cost,
     "scaleout": fleet.scaleout,
     "profile": fleet.profile,
+    "metrics": workloads.metrics_cost,
 }
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bench.brokers import BROKERS, Broker
 
-WORKLOADS = ("drain", "latency", "overhead", "cost", "scaleout", "profile")
+WORKLOADS = ("drain", "latency", "overhead", "cost", "scaleout", "profile", "metrics")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,9 @@ class BenchConfig:
     naive_scale: tuple[int, ...] = (1, 2)
     scale_events: int = 100_000
     profile_events: int = 300_000
+    #: The cost of metrics: drains of this many events, metrics off vs scraped, A B B A.
+    metrics_events: int = 100_000
+    metrics_rounds: int = 4
     #: Seconds one drain may take before it is reported as timed out.
     drain_timeout: float = 600.0
 
@@ -85,6 +88,8 @@ def quick(out: Path) -> BenchConfig:
         naive_scale=(2,),
         scale_events=2_000,
         profile_events=2_000,
+        metrics_events=2_000,
+        metrics_rounds=2,
         drain_timeout=60.0,
     )
 
@@ -118,6 +123,8 @@ class Targets:
     rss_mb: float = 150.0
     big_drain_drop_pct: float = 15.0
     waiting_ratio: float = 0.8
+    #: Drain with metrics recorded and scraped vs recording off (1 - 0.03).
+    metrics_ratio: float = 0.97
 
 
 TARGETS = Targets()

@@ -194,6 +194,23 @@ def evaluate_targets(results: Result) -> list[Result]:
         )
     else:
         out.append(_target(name, "-", None))
+    for broker in ("kafka", "redis"):
+        modes = {r["system"]: r for r in _ok(results.get("metrics", [])) if r["broker"] == broker}
+        off, on = modes.get("outbox, metrics off"), modes.get("outbox, metrics scraped")
+        name = f"metrics recorded and scraped: drain >= {t.metrics_ratio}x metrics off, {broker}"
+        if off and on:
+            ratio = on["events_per_s"] / off["events_per_s"]
+            out.append(
+                _target(
+                    name,
+                    f"{ratio:.3f}x ({on['events_per_s']:,.0f} vs {off['events_per_s']:,.0f} ev/s)",
+                    ratio >= t.metrics_ratio,
+                    f"CPU per 10k events: {on['cpu_s_per_10k']} vs {off['cpu_s_per_10k']} s; runs "
+                    f"{on.get('runs_events_per_s')} vs {off.get('runs_events_per_s')}",
+                )
+            )
+        else:
+            out.append(_target(name, "-", None))
     rss = [
         r["peak_rss_mb"]
         for r in _ok(results.get("cost", [])) + _ok(results.get("scaleout", []))

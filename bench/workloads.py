@@ -10,10 +10,13 @@ import json
 import math
 import os
 import resource
+import socket
+import threading
 import time
 import traceback
+import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,8 @@ from bench.procs import Proc, module_argv, relay_argv
 from bench.seed import seed_faststream, seed_outbox, seed_waiting
 from outbox.urls import asyncpg_dsn
 from relay.factory import build_relay
+from relay.metrics import RelayMetrics, serve_metrics
+from relay.relay import Relay
 from relay.settings import RelaySettings
 
 Result = dict[str, Any]
@@ -169,6 +174,66 @@ async def drain(ctx: Context) -> list[Result]:
     return [median_run(r) for r in runs]
 
 
+class _NoMetrics(RelayMetrics):
+    """Metrics recording switched off: the baseline the cost of metrics is measured against."""
+
+    def record_batch(self, *_: Any) -> None:
+        return None
+
+    def record_outage(self, *_: Any) -> None:
+        return None
+
+    def record_missed_wakeups(self, *_: Any) -> None:
+        return None
+
+
+@contextlib.asynccontextmanager
+async def metrics_mode(relay: Relay, mode: str) -> AsyncIterator[None]:
+    if mode == "off":
+        relay.metrics = _NoMetrics()
+    if mode != "scraped":
+        yield
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    stop_server = serve_metrics(relay, port, "127.0.0.1")
+    done = threading.Event()
+
+    def scrape() -> None:  # as Prometheus would, from another thread, every second
+        while not done.wait(1.0):
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    try:
+        yield
+    finally:
+        done.set()
+        scraper.join()
+        stop_server()
+
+
+async def metrics_cost(ctx: Context) -> list[Result]:
+    """The drain with metrics recorded and scraped every second vs recording switched off,
+    in A B B A order per broker; the median run of each mode is reported."""
+    cfg = ctx.config
+    out: list[Result] = []
+    for broker in cfg.brokers:
+        runs: dict[str, list[Result]] = {"off": [], "scraped": []}
+        for mode in abba(("off", "scraped"), cfg.metrics_rounds):
+            base = {
+                "system": f"outbox, metrics {mode}",
+                "broker": broker,
+                "events": cfg.metrics_events,
+            }
+            run = functools.partial(_drain_outbox, ctx, broker, cfg.metrics_events, metrics=mode)
+            runs[mode].append(await guarded(ctx, f"drain {base['system']} {broker}", run, base))
+        out += [median_run(r) for r in runs.values()]
+    return out
+
+
 def median_run(runs: list[Result]) -> Result:
     """The run with the median rate, with every run's rate beside it."""
     ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["events_per_s"])
@@ -189,7 +254,11 @@ async def _seeded(
     return topic, time.perf_counter() - started
 
 
-async def _drain_outbox(ctx: Context, broker: Broker, size: int, waiting: int = 0) -> Result:
+async def _drain_outbox(
+    ctx: Context, broker: Broker, size: int, waiting: int = 0, metrics: str = "on"
+) -> Result:
+    """`metrics`: "on" (kept, not scraped: the default relay), "off" (recording replaced by
+    no-ops) or "scraped" (also served over HTTP and scraped every second)."""
     async with ctx.dbs.fresh() as url:
         topic, seed_seconds = await _seeded(ctx, url, broker, size, f"drain-{broker}")
         if waiting:
@@ -206,10 +275,10 @@ async def _drain_outbox(ctx: Context, broker: Broker, size: int, waiting: int = 
                     relay_id="bench-drain",
                 )
             )
-            async with asyncio.timeout(ctx.config.drain_timeout):
+            async with asyncio.timeout(ctx.config.drain_timeout), metrics_mode(relay, metrics):
                 stats = await relay.drain()
-            seconds = time.perf_counter() - started
-            cpu = cpu_self() - cpu
+                seconds = time.perf_counter() - started  # not the metrics server's shutdown
+                cpu = cpu_self() - cpu
             delivered = await ctx.ops.delivered(broker, topic)
             table = await table_stats(url, "outbox_events")
         finally:
