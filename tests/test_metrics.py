@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -26,9 +28,10 @@ from relay.logs import configure_logging
 from relay.metrics import relay_registry
 from relay.relay import Relay
 from relay.retry import RetryPolicy
+from relay.seams import Backlog
 from relay.testing import FaultInjector
 from tests.fakes import FakeClock, OutboxDb, RecordingPublisher
-from tests.helpers import create_topic, eventually, free_port, relay_process
+from tests.helpers import ROOT, create_topic, eventually, free_port, relay_process
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -224,3 +227,33 @@ async def test_cli_relay_serves_metrics_and_logs_only_json(
     assert bad.returncode == 2, bad.stderr
     assert bad.stderr.count("\n") == 1, bad.stderr
     assert "metrics_port" in bad.stderr
+
+
+def operations_metrics_section() -> str:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    return text.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.unit
+async def test_docs_list_exactly_the_metrics_and_the_alerts_use_real_ones(db: OutboxDb) -> None:
+    import promql_parser
+
+    relay = Relay(db.store(), RecordingPublisher(), relay_id="m")
+    relay.metrics.backlog = Backlog(pending=3, oldest_age=1.5, unowned_buckets=0)
+    exposed = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in text_string_to_metric_families(
+            generate_latest(relay_registry(lambda: relay)).decode()
+        )
+        if family.name.startswith("outbox_")
+    }
+    section = operations_metrics_section()
+    documented = set(re.findall(r"^\| `(outbox_\w+)` \|", section, flags=re.M))
+    assert documented == exposed
+    (rules,) = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    alerts = yaml.safe_load(rules)["groups"][0]["rules"]
+    assert len(alerts) >= 3
+    for alert in alerts:
+        promql_parser.parse(alert["expr"])  # raises on a syntax error
+        used = set(re.findall(r"\b(outbox_\w+?)(?:_bucket|_count|_sum)?\b", alert["expr"]))
+        assert used <= exposed, (alert["alert"], used - exposed)
