@@ -32,6 +32,7 @@ RUNNERS: dict[str, Runner] = {
     "scaleout": fleet.scaleout,
     "profile": fleet.profile,
     "metrics": workloads.metrics_cost,
+    "longtx": workloads.long_transaction,
 }
 
 

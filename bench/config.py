@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bench.brokers import BROKERS, Broker
 
-WORKLOADS = ("drain", "latency", "overhead", "cost", "scaleout", "profile", "metrics")
+WORKLOADS = ("drain", "latency", "overhead", "cost", "scaleout", "profile", "metrics", "longtx")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class BenchConfig:
     #: The cost of metrics: drains of this many events, metrics off vs scraped, A B B A.
     metrics_events: int = 100_000
     metrics_rounds: int = 4
+    #: The long-transaction cliff: a drain of this many events with a snapshot held open.
+    long_txn_events: int = 400_000
     #: Seconds one drain may take before it is reported as timed out.
     drain_timeout: float = 600.0
 
@@ -90,6 +92,7 @@ def quick(out: Path) -> BenchConfig:
         profile_events=2_000,
         metrics_events=2_000,
         metrics_rounds=2,
+        long_txn_events=5_000,
         drain_timeout=60.0,
     )
 
@@ -125,6 +128,8 @@ class Targets:
     waiting_ratio: float = 0.8
     #: Drain with metrics recorded and scraped vs recording off (1 - 0.03).
     metrics_ratio: float = 0.97
+    #: With a snapshot held open elsewhere: the last tenth of a drain vs the first.
+    long_txn_ratio: float = 0.7
 
 
 TARGETS = Targets()

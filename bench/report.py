@@ -211,6 +211,24 @@ def evaluate_targets(results: Result) -> list[Result]:
             )
         else:
             out.append(_target(name, "-", None))
+    for broker in ("kafka", "redis"):
+        rows = [r for r in _ok(results.get("longtx", [])) if r["broker"] == broker]
+        name = (
+            f"snapshot held open: last tenth of the drain >= {t.long_txn_ratio}x the first, "
+            f"{broker}"
+        )
+        if rows and rows[0]["last_vs_first"] is not None:
+            row = rows[0]
+            out.append(
+                _target(
+                    name,
+                    f"{row['last_vs_first']:.2f}x at {row['events']:,}",
+                    row["last_vs_first"] >= t.long_txn_ratio,
+                    "ev/s per tenth: " + ", ".join(f"{r:,.0f}" for r in row["tenths_events_per_s"]),
+                )
+            )
+        else:
+            out.append(_target(name, "-", None))
     rss = [
         r["peak_rss_mb"]
         for r in _ok(results.get("cost", [])) + _ok(results.get("scaleout", []))

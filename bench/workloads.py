@@ -215,6 +215,81 @@ async def metrics_mode(relay: Relay, mode: str) -> AsyncIterator[None]:
         stop_server()
 
 
+async def long_transaction(ctx: Context) -> list[Result]:
+    """The drain while a REPEATABLE READ transaction stays open elsewhere (a report, a session
+    idle in transaction): Postgres may not clean up the rows the relay deletes, so their
+    index entries stay in the claim's path. Rates per tenth of the drain: the last tenth
+    against the first shows whether the claim slows down with the rows delivered."""
+    out: list[Result] = []
+    for broker in ctx.config.brokers:
+        size = ctx.config.long_txn_events
+        base = {"system": "outbox, long transaction open", "broker": broker, "events": size}
+        run = functools.partial(_drain_holding_snapshot, ctx, broker, size)
+        out.append(await guarded(ctx, f"drain {base['system']} {broker}", run, base))
+    return out
+
+
+async def _drain_holding_snapshot(ctx: Context, broker: Broker, size: int) -> Result:
+    async with ctx.dbs.fresh() as url:
+        topic, _ = await _seeded(ctx, url, broker, size, f"longtx-{broker}")
+        holder = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            await holder.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            await holder.fetchval("SELECT count(*) FROM outbox_events")  # takes the snapshot
+            relay = build_relay(
+                RelaySettings(
+                    database_url=url,
+                    broker=broker,
+                    kafka_bootstrap=ctx.services.kafka_bootstrap,
+                    redis_url=ctx.services.redis_url,
+                    relay_id="bench-longtx",
+                )
+            )
+            marks: list[tuple[float, int]] = []
+
+            async def sample() -> None:
+                while True:
+                    marks.append((time.perf_counter(), relay.stats.delivered))
+                    await asyncio.sleep(0.02)
+
+            sampler = asyncio.create_task(sample())
+            try:
+                async with asyncio.timeout(ctx.config.drain_timeout):
+                    stats = await relay.drain()
+            finally:
+                sampler.cancel()
+            marks.append((time.perf_counter(), relay.stats.delivered))
+            held_seconds = await holder.fetchval(
+                "SELECT extract(epoch FROM now() - xact_start)::float8 FROM pg_stat_activity"
+                " WHERE pid = pg_backend_pid()"
+            )
+            await holder.execute("ROLLBACK")
+        finally:
+            await holder.close()
+            await ctx.ops.cleanup(broker, topic)
+    tenths = _tenth_rates(marks, stats.delivered)
+    return {
+        "events_per_s": rate(stats.delivered, marks[-1][0] - marks[0][0]),
+        "relayed": stats.delivered,
+        "tenths_events_per_s": tenths,
+        "last_vs_first": round(tenths[-1] / tenths[0], 3) if tenths and tenths[0] else None,
+        "snapshot_held_s": round(held_seconds, 1),
+    }
+
+
+def _tenth_rates(marks: list[tuple[float, int]], total: int) -> list[float]:
+    """Events per second within each tenth of the events delivered."""
+    rates = []
+    for i in range(10):
+        lo, hi = total * i // 10, total * (i + 1) // 10
+        start = next((t for t, n in marks if n >= lo), None)
+        end = next((t for t, n in marks if n >= hi), None)
+        if start is None or end is None or end <= start:
+            continue
+        rates.append(rate(hi - lo, end - start))
+    return rates
+
+
 async def metrics_cost(ctx: Context) -> list[Result]:
     """The drain with metrics recorded and scraped every second vs recording switched off,
     in A B B A order per broker; the median run of each mode is reported."""
