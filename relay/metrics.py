@@ -193,6 +193,12 @@ class RelayCollector(Collector):
                 value=m.backlog.oldest_age or 0.0,
             )
             yield GaugeMetricFamily(
+                "outbox_oldest_snapshot_age_seconds",
+                "Age of the database's oldest open transaction with a snapshot (0 when none): "
+                "while it lives, deleted outbox rows cannot be cleaned up. Sampled.",
+                value=m.backlog.oldest_snapshot_age or 0.0,
+            )
+            yield GaugeMetricFamily(
                 "outbox_unowned_buckets",
                 "Key buckets no live relay holds a lease on (their events wait), sampled.",
                 value=m.backlog.unowned_buckets,

@@ -102,14 +102,23 @@ FROM moved;
 -- For the gauges, every few seconds: pending rows, counted exactly up to 1,000 (an index-only
 -- scan of the primary key) and above that Postgres's running estimate (pg_stat's n_live_tup,
 -- which follows inserts and deletes within seconds); and the age of the oldest pending event,
--- the first one in seq order (one index probe); and the buckets no live relay holds.
+-- the first one in seq order (one index probe); the buckets no live relay holds; and the
+-- age of the oldest snapshot that holds back the cleanup of deleted rows.
 SELECT CASE WHEN counted < 1000 THEN counted
             ELSE greatest(counted, (SELECT n_live_tup FROM pg_stat_user_tables
                                     WHERE relid = 'outbox_events'::regclass)) END AS pending,
        extract(epoch FROM now() - (SELECT created_at FROM outbox_events
                                    ORDER BY seq LIMIT 1))::float8 AS oldest_age,
        (SELECT count(*) FROM outbox_bucket_leases
-        WHERE owner IS NULL OR lease_until <= now())::int AS unowned_buckets
+        WHERE owner IS NULL OR lease_until <= now())::int AS unowned_buckets,
+       -- The oldest open transaction of this database that holds a snapshot (or a prepared
+       -- one): while it lives, Postgres may not clean up the rows the relay deletes.
+       extract(epoch FROM now() - least(
+           (SELECT min(xact_start) FROM pg_stat_activity
+            WHERE datname = current_database() AND pid <> pg_backend_pid()
+              AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)),
+           (SELECT min(prepared) FROM pg_prepared_xacts
+            WHERE database = current_database())))::float8 AS oldest_snapshot_age
 FROM (SELECT count(*) AS counted FROM (SELECT 1 FROM outbox_events LIMIT 1000) AS head) AS c;
 
 -- name: heartbeat --

@@ -126,6 +126,9 @@ class Backlog:
     oldest_age: float | None
     #: Key buckets that no live relay holds a lease on: their events wait.
     unowned_buckets: int = 0
+    #: Seconds the oldest open transaction (with a snapshot) of the database has run: while
+    #: it lives, Postgres cannot clean up deleted rows. None when there is none.
+    oldest_snapshot_age: float | None = None
 
 
 class Store(Protocol):

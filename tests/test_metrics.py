@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 import yaml
@@ -23,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from outbox import OutboxEvent
-from outbox.urls import async_engine
+from outbox.urls import async_engine, asyncpg_dsn
 from relay.logs import configure_logging
 from relay.metrics import relay_registry
 from relay.relay import Relay
@@ -257,3 +258,32 @@ async def test_docs_list_exactly_the_metrics_and_the_alerts_use_real_ones(db: Ou
         promql_parser.parse(alert["expr"])  # raises on a syntax error
         used = set(re.findall(r"\b(outbox_\w+?)(?:_bucket|_count|_sum)?\b", alert["expr"]))
         assert used <= exposed, (alert["alert"], used - exposed)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "hold",
+    ["BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1", "BEGIN; SELECT txid_current()"],
+    ids=["snapshot", "xid"],
+)
+async def test_backlog_shows_the_transaction_that_holds_cleanup_back(
+    database_url: str, hold: str
+) -> None:
+    from relay.stores.postgres import PostgresStore
+
+    store = PostgresStore(database_url)
+    await store.start("backlog-test")
+    holder = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        assert (await store.backlog()).oldest_snapshot_age is None
+        await holder.execute(hold)
+        started = time.monotonic()
+        await asyncio.sleep(1.0)  # the age to be read
+        age = (await store.backlog()).oldest_snapshot_age
+        assert age is not None
+        assert 1.0 <= age <= time.monotonic() - started + 1.0
+        await holder.execute("ROLLBACK")
+        assert (await store.backlog()).oldest_snapshot_age is None
+    finally:
+        await holder.close()
+        await store.stop()

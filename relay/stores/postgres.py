@@ -193,7 +193,9 @@ class PostgresStore:
         except CONNECTION_ERRORS as exc:
             raise StoreUnavailableError(str(exc)) from exc
         assert row is not None
-        return Backlog(row["pending"], row["oldest_age"], row["unowned_buckets"])
+        return Backlog(
+            row["pending"], row["oldest_age"], row["unowned_buckets"], row["oldest_snapshot_age"]
+        )
 
     async def mark_delivered(self, seqs: Sequence[int]) -> int:
         return _count(await self._run("delete_delivered", self._relay_id, seqs))
