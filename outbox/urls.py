@@ -136,6 +136,14 @@ def register_secret(url: str | None) -> None:
     _SECRETS.update(piece for piece in pieces if len(piece) >= 3)
 
 
+def register_password(password: str | None) -> None:
+    """Remember a secret given on its own, not in a URL (a SASL or key password), so that
+    `redact_text` masks it. Like URL passwords, one shorter than 3 characters is not masked:
+    masking every 'a' would garble the logs."""
+    if password and len(password) >= 3:
+        _SECRETS.add(password)
+
+
 def redact_text(text: str) -> str:
     """`text` with every URL's password and every registered secret masked."""
     if "@" in text:

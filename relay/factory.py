@@ -3,6 +3,10 @@ implementation; the loop itself knows only the seams."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from pydantic import SecretStr
+
 from outbox.urls import is_sqlite
 from relay.ordering import PoisonPolicy
 from relay.publishers.stdout import JsonLinesPublisher
@@ -10,6 +14,9 @@ from relay.relay import Relay
 from relay.retry import RetryPolicy
 from relay.seams import Publisher, Store
 from relay.settings import RelaySettings
+
+if TYPE_CHECKING:
+    from relay.publishers.kafka_security import KafkaSecurity
 
 
 def build_store(settings: RelaySettings) -> Store:
@@ -30,7 +37,11 @@ def build_publisher(settings: RelaySettings) -> Publisher:
     if settings.broker == "kafka":
         from relay.publishers.kafka import KafkaPublisher
 
-        return KafkaPublisher(settings.kafka_bootstrap, topic_prefix=settings.topic_prefix)
+        return KafkaPublisher(
+            settings.kafka_bootstrap,
+            topic_prefix=settings.topic_prefix,
+            **kafka_security(settings).producer_options(),
+        )
     if settings.broker == "redis":
         from relay.publishers.redis import RedisPublisher
 
@@ -41,6 +52,24 @@ def build_publisher(settings: RelaySettings) -> Publisher:
             topic_prefix=settings.topic_prefix,
         )
     return JsonLinesPublisher(settings.jsonl_path)
+
+
+def kafka_security(settings: RelaySettings) -> KafkaSecurity:
+    from relay.publishers.kafka_security import KafkaSecurity
+
+    def secret(value: SecretStr | None) -> str | None:
+        return value.get_secret_value() if value is not None else None
+
+    return KafkaSecurity(
+        protocol=settings.kafka_security_protocol,
+        sasl_mechanism=settings.kafka_sasl_mechanism,
+        sasl_username=settings.kafka_sasl_username,
+        sasl_password=secret(settings.kafka_sasl_password),
+        ssl_ca_file=settings.kafka_ssl_ca_file,
+        ssl_cert_file=settings.kafka_ssl_cert_file,
+        ssl_key_file=settings.kafka_ssl_key_file,
+        ssl_key_password=secret(settings.kafka_ssl_key_password),
+    )
 
 
 def build_relay(settings: RelaySettings) -> Relay:

@@ -157,51 +157,221 @@ DELETE FROM outbox_relays WHERE relay_id = $1;
 -- name: forget_dead_relays --
 DELETE FROM outbox_relays WHERE heartbeat_at < now() - interval '1 day';
 
--- name: take_dead_letters --
--- Replay, step 1 (same transaction as step 2): remove the chosen dead letters ($1 ids, $2 topic,
--- $3 key; NULL matches all) and, with every chosen one that holds its key, the whole chain of
--- that key, so that a chain goes back whole. Removing the held rows lifts the quarantine.
-WITH chosen AS (
-    SELECT dead_letter_id, key, holds_key FROM outbox_dead_letters
-    WHERE ($1::uuid[] IS NULL OR event_id = ANY ($1::uuid[]))
-      AND ($2::text IS NULL OR topic = $2)
-      AND ($3::text IS NULL OR key = $3)
-)
-DELETE FROM outbox_dead_letters AS d
-WHERE d.dead_letter_id IN (SELECT dead_letter_id FROM chosen)
-   OR (d.holds_key AND d.key IN (SELECT key FROM chosen WHERE holds_key))
-RETURNING event_id, original_seq, topic, key, payload::text AS payload, headers::text AS headers,
-          event_type, created_at;
+-- The `dlq_*` family: `outbox-relay dlq ...` (relay/admin.py). `dlq_chosen` is the one filter
+-- of every dead-letter command; the blocks after it read its rows as `chosen`, and admin.py
+-- runs each as `WITH chosen AS (<dlq_chosen>) <block>`, so list, show, count, replay and purge
+-- choose alike. Every value is a bound parameter, NULL when the flag is not given. The admin
+-- connection plans each statement with its values (plan_cache_mode = force_custom_plan): an
+-- absent filter folds away, and the planner picks the index of the filters given
+-- (ix_outbox_dead_letters_event_id, _topic_last_failed_at, _key, _last_failed_at; the event
+-- type and the error class have none, see docs/operations.md).
 
--- name: requeue_events --
--- Replay, step 2: back into the outbox with their original id and seq, so that a chain keeps its
--- place before later events of its key, and consumers that compare seqs per key stay right.
-INSERT INTO outbox_events (seq, id, topic, key, bucket, payload, headers, event_type, created_at)
-SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::smallint[],
-                     $6::jsonb[], $7::jsonb[], $8::text[], $9::timestamptz[]);
+-- name: dlq_chosen --
+-- $1 event ids (any of them), $2 topic, $3 key, $4 event type, $5 error class,
+-- $6 since / $7 until: the time it was dead-lettered (last_failed_at), since inclusive.
+SELECT * FROM outbox_dead_letters
+WHERE ($1::uuid[] IS NULL OR event_id = ANY ($1::uuid[]))
+  AND ($2::text IS NULL OR topic = $2)
+  AND ($3::text IS NULL OR key = $3)
+  AND ($4::text IS NULL OR event_type = $4)
+  AND ($5::text IS NULL OR error_class = $5)
+  AND ($6::timestamptz IS NULL OR last_failed_at >= $6)
+  AND ($7::timestamptz IS NULL OR last_failed_at < $7);
 
--- name: chain_tails --
--- Replay refuses an id in the middle of a quarantine chain: these are the chosen ids ($1) that
--- hold their key behind an earlier dead letter of the key (the head), with that head.
-SELECT d.event_id, d.key, h.event_id AS head
-FROM outbox_dead_letters AS d
-CROSS JOIN LATERAL (SELECT q.event_id FROM outbox_dead_letters AS q
-                    WHERE q.key = d.key AND q.holds_key
+-- name: dlq_list --
+-- At most $8, newest first; with a key ($3), the key's dead letters in their original order
+-- (its chain). A CASE on a bound value folds away when planned with it.
+SELECT dead_letter_id, event_id, original_seq, topic, key, event_type, error_class,
+       error_message, attempts, created_at, first_failed_at, last_failed_at, relay_id,
+       holds_key, held_behind
+FROM chosen
+ORDER BY CASE WHEN $3::text IS NULL THEN last_failed_at END DESC, original_seq
+LIMIT $8;
+
+-- name: dlq_show --
+-- As dlq_list, with the headers and the payload, in original order.
+SELECT dead_letter_id, event_id, original_seq, topic, key, event_type, error_class,
+       error_message, attempts, created_at, first_failed_at, last_failed_at, relay_id,
+       holds_key, held_behind, headers::text AS headers, payload::text AS payload
+FROM chosen
+ORDER BY original_seq, dead_letter_id
+LIMIT $8;
+
+-- name: dlq_summary --
+-- Count, and what purge shows before it deletes: per topic and error class, over the first $8
+-- chosen in dead-letter order (the order replay and purge take them; NULL: all, and then the
+-- ORDER BY is a constant and sorts nothing).
+SELECT c.topic, c.error_class, count(*) AS dead, count(*) FILTER (WHERE c.holds_key) AS held,
+       min(c.last_failed_at) AS oldest, max(c.last_failed_at) AS newest
+FROM (SELECT topic, error_class, holds_key, last_failed_at FROM chosen
+      ORDER BY CASE WHEN $8::bigint IS NOT NULL THEN dead_letter_id END
+      LIMIT $8) AS c
+GROUP BY c.topic, c.error_class
+ORDER BY dead DESC, c.topic, c.error_class;
+
+-- name: dlq_orphans --
+-- Replay's chain rule: a quarantine chain (a key's holds_key rows) goes back with its head,
+-- the held row of lowest seq. These are the keys whose chain the selection (the first $8
+-- chosen, as dlq_summary) enters without its head: replay refuses them. One index probe of
+-- ix_outbox_dead_letters_quarantine per chosen key; `keys` counts them.
+SELECT c.key, c.first_event AS event_id, h.event_id AS head, count(*) OVER () AS keys
+FROM (SELECT p.key, min(p.original_seq) AS first_seq,
+             (array_agg(p.event_id ORDER BY p.original_seq))[1] AS first_event
+      FROM (SELECT key, original_seq, event_id, holds_key FROM chosen
+            ORDER BY CASE WHEN $8::bigint IS NOT NULL THEN dead_letter_id END
+            LIMIT $8) AS p
+      WHERE p.holds_key
+      GROUP BY p.key) AS c
+CROSS JOIN LATERAL (SELECT q.event_id, q.original_seq FROM outbox_dead_letters AS q
+                    WHERE q.key = c.key AND q.holds_key
                     ORDER BY q.original_seq LIMIT 1) AS h
-WHERE d.event_id = ANY ($1::uuid[]) AND d.holds_key AND h.event_id <> d.event_id;
+WHERE h.original_seq < c.first_seq
+ORDER BY c.key
+LIMIT 1;
 
--- name: discard_dead_letters --
--- Drop dead letters for good ($1 ids or $2 key). Dropping a key's held rows lifts its quarantine.
+-- name: dlq_pick --
+-- One batch of replay: the next $9 chosen after dead_letter_id $8, in dead-letter order (a
+-- walk of the primary key that each batch resumes; no payloads leave the database).
+SELECT dead_letter_id, event_id, key, holds_key
+FROM chosen
+WHERE dead_letter_id > $8
+ORDER BY dead_letter_id
+LIMIT $9;
+
+-- name: dlq_purge --
+-- One batch of purge, as dlq_pick: delete them for good. Deleting a key's held rows lifts its
+-- quarantine once none is left; purge takes exactly what is chosen (no chain rule).
+-- `= ANY (ARRAY(...))`: the batch's ids are found first (an InitPlan), then deleted through
+-- the primary key; `IN (...)` let the planner hash-join them against the whole table.
 DELETE FROM outbox_dead_letters
-WHERE ($1::uuid[] IS NOT NULL AND event_id = ANY ($1::uuid[])) OR ($2::text IS NOT NULL AND key = $2)
-RETURNING event_id;
+WHERE dead_letter_id = ANY (ARRAY(SELECT dead_letter_id FROM chosen
+                                  WHERE dead_letter_id > $8
+                                  ORDER BY dead_letter_id
+                                  LIMIT $9))
+RETURNING dead_letter_id;
 
--- name: list_dead_letters --
--- Newest first; with a key ($2), the key's dead letters in their original order (its chain).
-SELECT event_id, original_seq, topic, key, event_type, attempts, last_failed_at, error_class,
-       error_message, holds_key, held_behind
-FROM outbox_dead_letters
-WHERE ($1::text IS NULL OR topic = $1)
-  AND ($2::text IS NULL OR key = $2)
-ORDER BY CASE WHEN $2::text IS NULL THEN last_failed_at END DESC, original_seq
-LIMIT $3;
+-- name: dlq_requeue --
+-- One batch of replay, in one statement (not filtered): delete the picked dead letters ($1)
+-- and the whole chain of each key they hold ($2: every held row of those keys, from
+-- ix_outbox_dead_letters_quarantine), so that a chain goes back whole; removing the held rows
+-- lifts the quarantine. Then insert them into outbox_events with their original id and seq,
+-- so that a chain keeps its place before later events of its key, and consumers that compare
+-- seqs per key stay right. Buckets come from the relay's hash (outbox.validation.bucket_for):
+-- $4[i] is the bucket of $3[i], a key or, for a keyless event, its id; a chain's rows share
+-- their key, so its bucket. The DELETE locks the chain: a relay parking an event of the key
+-- meanwhile waits (FOR SHARE), finds the key no longer held, and leaves the event pending, to
+-- be published after the chain. A LEFT JOIN: a row without a bucket fails the insert (NOT
+-- NULL) and the batch rolls back, instead of being deleted and lost.
+WITH taken AS (
+    DELETE FROM outbox_dead_letters AS d
+    WHERE d.dead_letter_id = ANY ($1::bigint[])
+       OR (d.holds_key AND d.key = ANY ($2::text[]))
+    RETURNING d.*
+), requeued AS (
+    INSERT INTO outbox_events (seq, id, topic, key, bucket, payload, headers, event_type,
+                               created_at)
+    SELECT t.original_seq, t.event_id, t.topic, t.key, b.bucket, t.payload, t.headers,
+           t.event_type, t.created_at
+    FROM taken AS t
+    LEFT JOIN unnest($3::text[], $4::smallint[]) AS b(hashed, bucket)
+           ON b.hashed = coalesce(t.key, t.event_id::text)
+    RETURNING seq
+)
+SELECT (SELECT count(*) FROM requeued) AS replayed,
+       (SELECT count(DISTINCT key) FROM taken WHERE holds_key) AS released;
+
+-- The `status_*` family: `outbox-relay status` (relay/status.py), run in one read-only
+-- REPEATABLE READ transaction with the relay's planner settings, so that every statement walks
+-- an index and none counts a whole table unless asked: a count stops at $1 rows (NULL: all,
+-- `--exact`) and the caller falls back to pg_stat's running estimate above it.
+
+-- name: status_now --
+SELECT now() AS now, to_regclass('outbox_events') IS NOT NULL AS migrated;
+
+-- name: status_counts --
+-- Rows of each table, counted up to $1 (index-only scans of the primary keys).
+SELECT (SELECT count(*) FROM (SELECT 1 FROM outbox_events LIMIT $1) AS e) AS events,
+       (SELECT count(*) FROM (SELECT 1 FROM outbox_dead_letters LIMIT $1) AS d) AS dead_letters;
+
+-- name: status_oldest_pending --
+-- The first pending event in seq order, due or not: one probe of the primary key.
+SELECT seq, id, topic, key, created_at, available_at, attempts
+FROM outbox_events
+ORDER BY seq
+LIMIT 1;
+
+-- name: status_oldest_due --
+-- The first event in seq order that a relay could claim now: the claim's own walk of the
+-- primary key, past the events not due yet (delayed, or waiting for a retry).
+SELECT seq, id, topic, key, created_at, available_at, attempts
+FROM outbox_events
+WHERE available_at <= now()
+ORDER BY seq
+LIMIT 1;
+
+-- name: status_waiting --
+-- Events not due yet, at most $1 of them (NULL: all), from the partial index
+-- ix_outbox_events_waiting_key: retrying (attempts > 0) or delayed, how many wait longer than
+-- $2 seconds, and the soonest and latest time one becomes due.
+SELECT count(*) AS counted,
+       count(*) FILTER (WHERE w.attempts > 0) AS retrying,
+       count(*) FILTER (WHERE w.available_at > now() + make_interval(secs => $2)) AS far,
+       min(w.available_at) AS soonest,
+       max(w.available_at) AS latest
+FROM (SELECT available_at, attempts FROM outbox_events
+      WHERE available_at > created_at AND available_at > now()
+      LIMIT $1) AS w;
+
+-- name: status_dead_letters --
+-- Dead letters by topic and error class, over the newest $1 of them (NULL: all).
+SELECT d.topic, d.error_class, count(*) AS dead, max(d.last_failed_at) AS last_failed_at
+FROM (SELECT topic, error_class, last_failed_at FROM outbox_dead_letters
+      ORDER BY last_failed_at DESC
+      LIMIT $1) AS d
+GROUP BY d.topic, d.error_class
+ORDER BY dead DESC, d.topic, d.error_class;
+
+-- name: status_quarantined_keys --
+-- Distinct quarantined keys, up to $1: a skip scan of ix_outbox_dead_letters_quarantine, one
+-- index probe per key, however many events are parked behind each.
+WITH RECURSIVE held (key) AS (
+    (SELECT key FROM outbox_dead_letters WHERE holds_key ORDER BY key LIMIT 1)
+    UNION ALL
+    SELECT (SELECT d.key FROM outbox_dead_letters AS d
+            WHERE d.holds_key AND d.key > h.key
+            ORDER BY d.key LIMIT 1)
+    FROM held AS h
+    WHERE h.key IS NOT NULL
+)
+SELECT count(*) AS counted FROM (SELECT 1 FROM held WHERE key IS NOT NULL LIMIT $1) AS k;
+
+-- name: status_relays --
+-- Every registered relay; live = a heartbeat within the last $1 seconds (lease_seconds, as
+-- `live_relays`), with the buckets it holds an unexpired lease on.
+SELECT r.relay_id, r.hostname, r.pid, r.started_at,
+       extract(epoch FROM now() - r.heartbeat_at)::float8 AS heartbeat_age,
+       r.heartbeat_at > now() - make_interval(secs => $1) AS live,
+       (SELECT count(*) FROM outbox_bucket_leases AS l
+        WHERE l.owner = r.relay_id AND l.lease_until > now()) AS buckets
+FROM outbox_relays AS r
+ORDER BY r.relay_id;
+
+-- name: status_orphan_buckets --
+-- Buckets with no live owner: free, expired, or leased to a relay without a heartbeat within
+-- the last $1 seconds. Nobody publishes their events until a relay takes them.
+SELECT l.bucket
+FROM outbox_bucket_leases AS l
+WHERE l.owner IS NULL
+   OR l.lease_until <= now()
+   OR NOT EXISTS (SELECT 1 FROM outbox_relays AS r
+                  WHERE r.relay_id = l.owner
+                    AND r.heartbeat_at > now() - make_interval(secs => $1))
+ORDER BY l.bucket;
+
+-- name: status_tables --
+-- Table health from the statistics collector: n_live_tup is Postgres's running estimate of
+-- the rows, which follows inserts and deletes within seconds.
+SELECT s.relname AS name, s.n_live_tup, s.n_dead_tup, s.last_vacuum, s.last_autovacuum,
+       s.last_analyze, s.last_autoanalyze, pg_total_relation_size(s.relid) AS size_bytes
+FROM pg_stat_user_tables AS s
+WHERE s.relid IN ('outbox_events'::regclass, 'outbox_dead_letters'::regclass);

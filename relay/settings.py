@@ -8,10 +8,10 @@ import socket
 import uuid
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from outbox.urls import is_postgres, is_sqlite, redact, register_secret
+from outbox.urls import is_postgres, is_sqlite, redact, register_password, register_secret
 
 
 def default_relay_id() -> str:
@@ -26,6 +26,30 @@ class RelaySettings(BaseSettings):
     database_url: str = Field(description="postgresql://user:pass@host/db (or sqlite:///file)")
     broker: Literal["kafka", "redis", "stdout"] = Field("kafka", description="where to publish")
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT, SASL_SSL"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="Kafka SASL mechanism (required with SASL_*)"
+    )
+    kafka_sasl_username: str | None = Field(None, description="Kafka SASL user name")
+    kafka_sasl_password: SecretStr | None = Field(
+        None, description="Kafka SASL password (masked in logs and errors)"
+    )
+    kafka_ssl_ca_file: str | None = Field(
+        None,
+        description="PEM file of the CAs that signed the brokers' certificates "
+        "(default: the system's CAs)",
+    )
+    kafka_ssl_cert_file: str | None = Field(
+        None, description="PEM client certificate, for mutual TLS"
+    )
+    kafka_ssl_key_file: str | None = Field(
+        None, description="PEM key of the client certificate (if not in kafka_ssl_cert_file)"
+    )
+    kafka_ssl_key_password: SecretStr | None = Field(
+        None, description="password of an encrypted kafka_ssl_key_file (masked)"
+    )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
     redis_mode: Literal["streams", "pubsub"] = Field(
         "streams", description="streams (durable) or pubsub (at-most-once, opt-in)"
@@ -70,6 +94,29 @@ class RelaySettings(BaseSettings):
             register_secret(value)  # masked in every log line and error from now on
         return value
 
+    @field_validator("kafka_sasl_password", "kafka_ssl_key_password", mode="before")
+    @classmethod
+    def _remember_passwords(cls, value: object) -> object:
+        secret = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(secret, str):
+            register_password(secret)
+        return value
+
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper_case(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("kafka_ssl_ca_file", "kafka_ssl_cert_file", "kafka_ssl_key_file")
+    @classmethod
+    def _check_file(cls, value: str | None) -> str | None:
+        if value is not None:
+            if not os.path.isfile(value):
+                raise ValueError(f"{value}: no such file")
+            if not os.access(value, os.R_OK):
+                raise ValueError(f"{value}: not readable by this user")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
@@ -81,4 +128,41 @@ class RelaySettings(BaseSettings):
     def _check_backoff(self) -> RelaySettings:
         if self.backoff_max < self.backoff_base:
             raise ValueError("backoff_max must be >= backoff_base")
+        return self
+
+    @model_validator(mode="after")
+    def _check_kafka_security(self) -> RelaySettings:
+        """Settings that the protocol would ignore, or that it lacks, are refused by name."""
+        protocol = self.kafka_security_protocol
+        sasl = {
+            "kafka_sasl_mechanism": self.kafka_sasl_mechanism,
+            "kafka_sasl_username": self.kafka_sasl_username,
+            "kafka_sasl_password": self.kafka_sasl_password,
+        }
+        tls = {
+            "kafka_ssl_ca_file": self.kafka_ssl_ca_file,
+            "kafka_ssl_cert_file": self.kafka_ssl_cert_file,
+            "kafka_ssl_key_file": self.kafka_ssl_key_file,
+            "kafka_ssl_key_password": self.kafka_ssl_key_password,
+        }
+        if protocol.startswith("SASL_"):
+            for name, value in sasl.items():
+                if not value:
+                    raise ValueError(f"{name}: required with kafka_security_protocol {protocol}")
+        else:
+            for name, value in sasl.items():
+                if value:
+                    raise ValueError(
+                        f"{name}: needs kafka_security_protocol SASL_SSL or SASL_PLAINTEXT "
+                        f"(it is {protocol})"
+                    )
+        if protocol not in ("SSL", "SASL_SSL"):
+            for name, value in tls.items():
+                if value:
+                    raise ValueError(
+                        f"{name}: needs kafka_security_protocol SSL or SASL_SSL (it is {protocol})"
+                    )
+        for name in ("kafka_ssl_key_file", "kafka_ssl_key_password"):
+            if tls[name] and not self.kafka_ssl_cert_file:
+                raise ValueError(f"{name}: needs kafka_ssl_cert_file (the client certificate)")
         return self

@@ -29,7 +29,7 @@ BOUNDS = (
 def type_name(annotation: Any) -> str:
     if typing.get_origin(annotation) is typing.Literal:
         return " \\| ".join(f"`{value}`" for value in typing.get_args(annotation))
-    if isinstance(annotation, types.UnionType):
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return " or ".join(type_name(arg) for arg in typing.get_args(annotation))
     if annotation is type(None):
         return "none"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -190,12 +191,14 @@ def services(*args: str) -> None:
     )
 
 
-def relay_process(database_url: str, *args: str) -> subprocess.Popen[bytes]:
-    """The real `outbox-relay run` CLI in a child process."""
-    env = os.environ | {"OUTBOX_DATABASE_URL": database_url, "OUTBOX_LOG_FORMAT": "json"}
+def relay_process(
+    database_url: str, *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """The real `outbox-relay run` CLI in a child process; `env`: more variables."""
+    environ = os.environ | {"OUTBOX_DATABASE_URL": database_url, "OUTBOX_LOG_FORMAT": "json"}
     return subprocess.Popen(
         [sys.executable, "-m", "relay.cli", "run", *args],
-        env=env,
+        env=environ | dict(env or {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

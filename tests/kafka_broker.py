@@ -18,7 +18,7 @@ import struct
 import subprocess
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,8 +55,28 @@ def port_open(port: int) -> bool:
     return False
 
 
+def free_port_run(count: int, start: int) -> int:
+    """A port p such that p .. p + count - 1 are all free on loopback."""
+    for port in range(start, start + 100 * count, count):
+        with contextlib.ExitStack() as stack:
+            try:
+                for p in range(port, port + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no {count} free ports in a row from {start}")
+
+
 class KafkaBroker:
-    """One KRaft broker+controller process on 127.0.0.1:`port` (controller on `port` + 1)."""
+    """One KRaft broker+controller process on 127.0.0.1:`port` (controller on `port` + 1).
+
+    `listeners`: more listeners, security protocol (also the listener's name: SSL,
+    SASL_PLAINTEXT, SASL_SSL) -> port; their settings go in `settings`, under
+    `listener.name.<name lower-case>.`. `scram`: SCRAM credentials written at format time, as
+    `kafka-storage format --add-scram` takes them: `SCRAM-SHA-256=[name=alice,password=...]`.
+    The brokers talk among themselves over PLAINTEXT on `port`."""
 
     def __init__(
         self,
@@ -65,9 +85,13 @@ class KafkaBroker:
         *,
         auto_create: bool = True,
         settings: Mapping[str, str] | None = None,
+        listeners: Mapping[str, int] | None = None,
+        scram: Sequence[str] = (),
     ) -> None:
         self.port = port
         self.controller_port = port + 1
+        self.listeners = dict(listeners or {})
+        self._scram = list(scram)
         self.bootstrap = f"127.0.0.1:{port}"
         self.dir = SERVICES / f"kafka-{name}-{port}-{os.getpid()}"
         self.data = self.dir / "data"
@@ -87,7 +111,7 @@ class KafkaBroker:
         t0 = time.monotonic()
         if self.running:
             return 0.0
-        for p in (self.port, self.controller_port):
+        for p in (self.port, self.controller_port, *self.listeners.values()):
             if port_open(p):
                 raise RuntimeError(f"port {p} is taken: not starting the test broker there")
         self._write_config()
@@ -171,17 +195,22 @@ class KafkaBroker:
 
     def _write_config(self) -> None:
         self.data.mkdir(parents=True, exist_ok=True)
+        extra = "".join(f",{name}://127.0.0.1:{port}" for name, port in self.listeners.items())
+        protocols = "".join(f",{name}:{name}" for name in self.listeners)
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
             "listeners": (
                 f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
+                + extra
             ),
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}" + extra,
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map": (
+                "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT" + protocols
+            ),
             "log.dirs": str(self.data),
             "num.partitions": "3",
             "default.replication.factor": "1",
@@ -230,6 +259,7 @@ class KafkaBroker:
                 cluster_id,
                 "-c",
                 str(self.dir / "server.properties"),
+                *(arg for credential in self._scram for arg in ("--add-scram", credential)),
             ],
             cwd=self.dir,
             capture_output=True,

@@ -33,7 +33,9 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("url", MALFORMED)
 @pytest.mark.parametrize(
-    "command", [("run",), ("migrate",), ("dlq", "list")], ids=["run", "migrate", "dlq"]
+    "command",
+    [("run",), ("migrate",), ("dlq", "list"), ("status", "--check")],
+    ids=["run", "migrate", "dlq", "status"],
 )
 def test_a_malformed_database_url_never_shows_its_password(
     url: str, command: tuple[str, ...]

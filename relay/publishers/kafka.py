@@ -23,6 +23,9 @@ How it fails (the table of error classes and verdicts is in docs/errors.md, "Kaf
   still missing after `topic_wait_seconds` is POISON (auto-create off); the error names it.
 - Per-key order. A key stops at its first event that is not delivered: later events of the key
   are HELD_BACK, also when the failure came asynchronously with the ack.
+- Security settings the brokers refuse at start (a wrong SASL password, a CA that does not
+  verify them) raise ConfigurationError: `run` exits 2. Once running, the same errors are an
+  outage (BROKER), as for Redis. See relay/publishers/kafka_security.py.
 
 aiokafka's own loggers are rate limited (one line per message template per 30 s).
 """
@@ -38,6 +41,7 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka import errors as ke
+from aiokafka.conn import create_conn
 from aiokafka.partitioner import murmur2
 from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
@@ -52,7 +56,15 @@ from relay.publishers.kafka_errors import (
     kind_of,
     quiet_aiokafka_logs,
 )
-from relay.seams import HELD_BACK, BrokerUnavailableError, Failure, PublishResult, Verdict
+from relay.publishers.kafka_security import CONNECTION_OPTIONS, configuration_problem
+from relay.seams import (
+    HELD_BACK,
+    BrokerUnavailableError,
+    ConfigurationError,
+    Failure,
+    PublishResult,
+    Verdict,
+)
 
 log = structlog.get_logger("relay.kafka")
 
@@ -137,8 +149,50 @@ class KafkaPublisher:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start the producer. ConfigurationError when the brokers refuse the relay's TLS or
+        SASL settings (an operator must fix them); BrokerUnavailableError otherwise."""
         if self._producer is None:
-            await self._start_producer()
+            try:
+                await self._start_producer()
+            except BrokerUnavailableError:
+                await self._raise_if_misconfigured()
+                raise
+
+    #: How long the diagnosis at start waits for its connections (an outage that drops
+    #: packets would otherwise hold each start retry for another request timeout).
+    DIAGNOSIS_SECONDS = 5.0
+
+    async def _raise_if_misconfigured(self) -> None:
+        """One connection to each bootstrap server, at once, with the producer's security
+        options: aiokafka's own start only says "Unable to bootstrap" (see
+        relay/publishers/kafka_security.py). Raises ConfigurationError for the first server
+        whose answer is about the settings."""
+        options = {k: self._options[k] for k in CONNECTION_OPTIONS if k in self._options}
+        options["request_timeout_ms"] = self._options["request_timeout_ms"]
+
+        async def connect(host: str, port: int) -> BaseException | None:
+            try:
+                connection = await create_conn(host, port, **options)
+            except Exception as exc:  # noqa: BLE001 - the cause is what we came for
+                return exc
+            connection.close()
+            return None
+
+        servers = self._bootstrap_addresses()
+        tasks = [asyncio.create_task(connect(host, port)) for host, port in servers]
+        if not tasks:
+            return
+        _, late = await asyncio.wait(
+            tasks, timeout=min(self._request_timeout, self.DIAGNOSIS_SECONDS)
+        )
+        for task in late:
+            task.cancel()  # aiokafka closes a connection cancelled halfway
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for (host, port), task in zip(servers, tasks, strict=True):
+            outcome = None if task.cancelled() else task.result()
+            problem = configuration_problem(outcome) if outcome is not None else None
+            if problem is not None:
+                raise ConfigurationError(f"kafka {host}:{port}: {problem}") from outcome
 
     async def stop(self) -> None:
         producer, self._producer = self._producer, None
@@ -684,15 +738,20 @@ class KafkaPublisher:
 
     # -- reachability --------------------------------------------------------------------------
 
+    def _bootstrap_addresses(self) -> list[tuple[str, int]]:
+        addresses = []
+        for part in self.bootstrap_servers.split(","):
+            host, _, port = part.strip().rpartition(":")
+            if host and port.isdigit():
+                addresses.append((host.strip("[]"), int(port)))
+        return addresses
+
     async def _reachable(self, producer: Any) -> bool:
         """Whether any broker of the cluster (or of the bootstrap list) accepts a connection."""
         addresses: set[tuple[str, int]] = set()
         with contextlib.suppress(Exception):
             addresses |= {(b.host, int(b.port)) for b in producer.client.cluster.brokers()}
-        for part in self.bootstrap_servers.split(","):
-            host, _, port = part.strip().rpartition(":")
-            if host and port.isdigit():
-                addresses.add((host.strip("[]"), int(port)))
+        addresses.update(self._bootstrap_addresses())
         for host, number in sorted(addresses):
             try:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(host, number), 1.0)

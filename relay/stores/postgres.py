@@ -281,7 +281,9 @@ class PostgresStore:
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self._dsn)
+                # Named like the pool's connections, so pg_stat_activity tells it apart.
+                name = f"outbox-relay listen {self._relay_id}"[:63]
+                conn = await asyncpg.connect(self._dsn, server_settings={"application_name": name})
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 pause = 0.5
                 if self._wake is not None:
