@@ -368,6 +368,24 @@ WHERE l.owner IS NULL
                     AND r.heartbeat_at > now() - make_interval(secs => $1))
 ORDER BY l.bucket;
 
+-- name: status_oldest_transaction --
+-- The oldest open transaction of this database that holds a snapshot or an xid, or a prepared
+-- one: while it lives, Postgres cannot clean up the rows the relays delete, so every claim
+-- walks past them (status itself excluded).
+SELECT * FROM (
+    SELECT pid, application_name, state, false AS prepared,
+           extract(epoch FROM now() - xact_start)::float8 AS age
+    FROM pg_stat_activity
+    WHERE datname = current_database() AND pid <> pg_backend_pid()
+      AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)
+    UNION ALL
+    SELECT NULL, gid, 'prepared', true, extract(epoch FROM now() - prepared)::float8
+    FROM pg_prepared_xacts
+    WHERE database = current_database()
+) AS t
+ORDER BY age DESC
+LIMIT 1;
+
 -- name: status_tables --
 -- Table health from the statistics collector: n_live_tup is Postgres's running estimate of
 -- the rows, which follows inserts and deletes within seconds.

@@ -104,6 +104,17 @@ class TableHealth:
 
 
 @dataclass(frozen=True, slots=True)
+class OldestTransaction:
+    """The oldest open transaction holding back the cleanup of deleted rows."""
+
+    pid: int | None  # None for a prepared transaction
+    application_name: str  # the gid of a prepared transaction
+    state: str
+    prepared: bool
+    age: float
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     now: datetime
     lease_seconds: float
@@ -118,6 +129,7 @@ class Status:
     relays: list[RelayInfo]
     orphan_buckets: list[int]
     tables: dict[str, TableHealth] = field(default_factory=dict)
+    oldest_transaction: OldestTransaction | None = None
 
     @property
     def live_relays(self) -> int:
@@ -285,6 +297,21 @@ async def _read(conn: asyncpg.Connection, lease_seconds: float, exact: bool) -> 
             r["bucket"] for r in await conn.fetch(QUERIES["status_orphan_buckets"], lease_seconds)
         ],
         tables=tables,
+        oldest_transaction=_oldest_transaction(
+            await conn.fetchrow(QUERIES["status_oldest_transaction"])
+        ),
+    )
+
+
+def _oldest_transaction(row: asyncpg.Record | None) -> OldestTransaction | None:
+    if row is None:
+        return None
+    return OldestTransaction(
+        pid=row["pid"],
+        application_name=row["application_name"] or "",
+        state=row["state"] or "",
+        prepared=row["prepared"],
+        age=row["age"],
     )
 
 
@@ -421,6 +448,16 @@ def render_text(status: Status, verdict: list[str]) -> str:
             for name, t in sorted(status.tables.items(), key=lambda kv: kv[0] != "outbox_events")
         ]
     )
+    if (t := status.oldest_transaction) is not None:
+        who = (
+            f"prepared transaction {t.application_name!r}"
+            if t.prepared
+            else f"pid {t.pid} ({t.application_name or 'no application_name'}, {t.state})"
+        )
+        fact(
+            "oldest snapshot",
+            f"{duration(t.age)}, {who}: deleted rows stay in the relays' path while it lives",
+        )
     fact("health", "unhealthy: " + "; ".join(verdict) if verdict else "ok")
     return "\n".join(lines)
 
@@ -508,6 +545,15 @@ def to_json(
             for r in status.relays
         ],
         "buckets": {"total": BUCKETS, "without_live_owner": status.orphan_buckets},
+        "oldest_transaction": None
+        if (t := status.oldest_transaction) is None
+        else {
+            "pid": t.pid,
+            "application_name": t.application_name,
+            "state": t.state,
+            "prepared": t.prepared,
+            "age_seconds": round(t.age, 3),
+        },
         "tables": {
             name: {
                 "live_tuples": t.live_tuples,

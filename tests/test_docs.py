@@ -140,6 +140,7 @@ def test_the_sample_report_has_the_renderers_lines() -> None:
             relays=[s.RelayInfo("r", "host", 1, now, 1.0, True, 62)],
             orphan_buckets=[62, 63],
             tables={"outbox_events": s.TableHealth(3, 0, None, None, None, None, 8192)},
+            oldest_transaction=s.OldestTransaction(7, "psql", "idle in transaction", False, 9.0),
         ),
         [],
     )

@@ -38,8 +38,8 @@ async def status_json(database_url: str, *args: str) -> dict[str, Any]:
 async def add_event(pg: asyncpg.Connection, *, age: float = 0, delay: float = 0, **kw: Any) -> int:
     """One event written `age` seconds ago, due `delay` seconds after it was written."""
     seq: int = await pg.fetchval(
-        "INSERT INTO outbox_events (id, topic, key, bucket, payload, created_at, available_at, "
-        "attempts) VALUES ($1, $2, $3, 0, '{}', now() - make_interval(secs => $4), "
+        "INSERT INTO outbox_events (id, topic, key, payload, created_at, available_at, "
+        "attempts) VALUES ($1, $2, $3, '{}', now() - make_interval(secs => $4), "
         "now() - make_interval(secs => $4) + make_interval(secs => $5), $6) RETURNING seq",
         uuid.uuid4(),
         kw.get("topic", "orders"),
@@ -237,6 +237,7 @@ ARGS: dict[str, tuple[tuple[object, ...], tuple[object, ...]]] = {
     "status_relays": ((15.0,), (15.0,)),
     "status_orphan_buckets": ((15.0,), (15.0,)),
     "status_tables": ((), ()),
+    "status_oldest_transaction": ((), ()),
 }
 OUTBOX_TABLES = {"outbox_events", "outbox_dead_letters"}
 
@@ -255,8 +256,8 @@ async def test_status_queries_walk_indexes_and_stop_at_the_cap(
     without --exact no scan of them returns more rows than the cap."""
     assert set(ARGS) == {name for name in QUERIES if name.startswith("status_")}
     await pg.execute(
-        "INSERT INTO outbox_events (id, topic, key, bucket, payload) "
-        "SELECT gen_random_uuid(), 't', 'k-' || g % 500, g % 64, '{}' "
+        "INSERT INTO outbox_events (id, topic, key, payload) "
+        "SELECT gen_random_uuid(), 't', 'k-' || g % 500, '{}' "
         "FROM generate_series(1, $1) AS g",
         status.COUNT_CAP + 2_000,
     )
@@ -282,8 +283,8 @@ async def test_status_queries_walk_indexes_and_stop_at_the_cap(
 async def test_exact_counts_past_the_cap(database_url: str, pg: asyncpg.Connection) -> None:
     rows = status.COUNT_CAP + 5
     await pg.execute(
-        "INSERT INTO outbox_events (id, topic, key, bucket, payload) "
-        "SELECT gen_random_uuid(), 't', NULL, g % 64, '{}' FROM generate_series(1, $1) AS g",
+        "INSERT INTO outbox_events (id, topic, key, payload) "
+        "SELECT gen_random_uuid(), 't', NULL, '{}' FROM generate_series(1, $1) AS g",
         rows,
     )
     capped = await status_json(database_url)
@@ -350,3 +351,24 @@ def test_a_database_that_never_answers_times_out() -> None:
         done = cli("status", "--check", "--timeout", "0.5", "--database-url", url)
     assert done.returncode == 1
     assert done.stderr == "outbox-relay: error: database unreachable: no answer within 0.5 s\n"
+
+
+async def test_the_transaction_holding_cleanup_back_shows_up(
+    database_url: str, pg: asyncpg.Connection
+) -> None:
+    await pg.execute("SET application_name = 'nightly-report'")
+    await pg.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    await pg.fetchval("SELECT count(*) FROM outbox_events")  # the snapshot is taken here
+    try:
+        document = await status_json(database_url)
+        human = await run_status(database_url)
+    finally:
+        await pg.execute("ROLLBACK")
+    held = document["oldest_transaction"]
+    assert held["pid"] == pg.get_server_pid()
+    assert held["application_name"] == "nightly-report"
+    assert held["state"] == "idle in transaction"
+    assert held["prepared"] is False
+    assert held["age_seconds"] > 0
+    assert f"pid {pg.get_server_pid()} (nightly-report, idle in transaction)" in human.stdout
+    assert (await status_json(database_url))["oldest_transaction"] is None
