@@ -372,3 +372,15 @@ async def test_the_transaction_holding_cleanup_back_shows_up(
     assert held["age_seconds"] > 0
     assert f"pid {pg.get_server_pid()} (nightly-report, idle in transaction)" in human.stdout
     assert (await status_json(database_url))["oldest_transaction"] is None
+
+
+def test_the_cli_starts_without_sqlalchemy() -> None:
+    """`status --check` runs as a probe every few seconds: the CLI module must not pull in
+    SQLAlchemy (half its start-up time), which only the writers' side and `migrate` need."""
+    import sys
+
+    probe = "import sys, relay.cli, relay.status; print('sqlalchemy' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "False"
