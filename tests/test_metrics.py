@@ -185,6 +185,11 @@ async def test_cli_relay_serves_metrics_and_logs_only_json(
         await eventually(all_published, timeout=60)
         got = await scrape(port)
         assert got["outbox_delivery_latency_seconds_count", ()] == 50
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+        families = {f.name for f in text_string_to_metric_families(text)}
+        documented = set(re.findall(r"^\| `(outbox_\w+)` \|", operations_metrics_section(), re.M))
+        assert {d.removesuffix("_total") for d in documented} <= families
         assert got["outbox_owned_buckets", ()] > 0
         assert got["outbox_breaker_open", ()] == 0
     finally:
