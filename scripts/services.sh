@@ -13,7 +13,8 @@
 # State (data, logs, pid files, cached Kafka jars) lives in <repo>/.services/ (git-ignored).
 # Idempotent: `up` on running services is a quick no-op; a second `up` never re-downloads.
 # Progress goes to stderr; only the env lines go to stdout.
-# docker-compose.yml at the repo root offers the same services on the same ports.
+# docker-compose.yml at the repo root offers the same services on the same ports, and
+# Postgres with the same TLS certificate (.services/pg/tls).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -199,13 +200,15 @@ pg_running() {
 # A self-signed server certificate for 127.0.0.1 (once), so TLS is tested for real:
 # sslmode=require, and verify-full with sslrootcert=$PG_TLS/server.crt.
 pg_tls() {
-  [[ -s "$PG_TLS/server.crt" && -s "$PG_TLS/server.key" ]] && return 0
-  command -v openssl >/dev/null || apt_install openssl
-  mkdir -p "$PG_TLS"
-  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=127.0.0.1" \
-    -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
-    -keyout "$PG_TLS/server.key" -out "$PG_TLS/server.crt" >"$PG_DIR/openssl.log" 2>&1 ||
-    { show_log "$PG_DIR/openssl.log"; die "openssl could not make the server certificate"; }
+  if [[ ! -s "$PG_TLS/server.crt" || ! -s "$PG_TLS/server.key" ]]; then
+    command -v openssl >/dev/null || apt_install openssl
+    mkdir -p "$PG_TLS"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=127.0.0.1" \
+      -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+      -keyout "$PG_TLS/server.key" -out "$PG_TLS/server.crt" >"$PG_DIR/openssl.log" 2>&1 ||
+      { show_log "$PG_DIR/openssl.log"; die "openssl could not make the server certificate"; }
+  fi
+  # On every start: docker-compose.yml's Postgres may have made them, as root.
   chown -R postgres:postgres "$PG_TLS"
   chmod 600 "$PG_TLS/server.key"
   chmod 644 "$PG_TLS/server.crt"

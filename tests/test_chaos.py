@@ -30,7 +30,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from outbox.urls import asyncpg_dsn
-from outbox.validation import bucket_for
 from tests.helpers import ROOT, create_topic, eventually, read_all, services
 from tests.kafka_broker import KafkaBroker, free_port_run, kafka_available
 from tests.verifier import (
@@ -439,8 +438,8 @@ async def test_postgres_restart_during_load(
 # -- 3. LISTEN connections terminated --------------------------------------------------------
 
 LISTENERS = (
-    "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = ''"
-    " AND backend_type = 'client backend' AND (query LIKE 'LISTEN%' OR query = 'SELECT 1')"
+    "SELECT pid FROM pg_stat_activity WHERE datname = $1"
+    " AND application_name LIKE 'outbox-relay listen %'"
 )
 
 
@@ -501,6 +500,7 @@ async def test_listen_connections_terminated_polling_covers(
 RELAY_QUERIES = (
     "SELECT pid FROM pg_stat_activity WHERE datname = $1"
     " AND application_name LIKE 'outbox-relay%' AND state = 'active'"
+    " AND application_name NOT LIKE 'outbox-relay listen %'"
 )
 
 
@@ -645,9 +645,7 @@ async def insert_rows(database_url: str, rows: Sequence[tuple[uuid.UUID, str, st
     try:
         async with conn.transaction():
             for event_id, topic, key, payload in rows:
-                await conn.execute(
-                    INSERT, event_id, topic, key, bucket_for(key, str(event_id)), payload
-                )
+                await conn.execute(INSERT, event_id, topic, key, payload)
     finally:
         await conn.close()
 

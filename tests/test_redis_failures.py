@@ -27,6 +27,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from redis._parsers import BaseParser
+from redis.asyncio.connection import SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -35,8 +36,16 @@ from outbox import OutboxEvent
 from outbox.envelope import Envelope
 from relay.publishers.redis import RedisPublisher, classify, segments
 from relay.retry import CircuitBreaker
-from relay.seams import HELD_BACK, BrokerUnavailableError, Failure, PublishResult, Verdict
+from relay.seams import (
+    HELD_BACK,
+    BrokerUnavailableError,
+    ConfigurationError,
+    Failure,
+    PublishResult,
+    Verdict,
+)
 from tests.helpers import (
+    ROOT,
     assert_per_key_order,
     commit_events,
     keyed_events,
@@ -469,17 +478,42 @@ def free_port() -> int:
         return port
 
 
-async def start_redis(tmp_path: Path) -> tuple[asyncio.subprocess.Process, str] | None:
+def self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made with openssl."""
+    cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    args = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    args += ["-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        ["openssl", *args, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+async def start_redis(
+    tmp_path: Path, tls: tuple[Path, Path] | None = None
+) -> tuple[asyncio.subprocess.Process, str] | None:
     """Start redis-server on a free loopback port; None if the port was taken meanwhile. A
-    password of its own: the URL reaches this server only, never one that won the port."""
+    password of its own: the URL reaches this server only, never one that won the port.
+    With `tls` (certificate, key), it serves TLS only, on that port: a rediss:// URL."""
     password = uuid.uuid4().hex
     port = free_port()
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
+    args = ["--bind", "127.0.0.1", "--dir", str(tmp_path)]
     args += ["--save", "", "--appendonly", "no", "--logfile", str(tmp_path / "redis.log")]
     args += ["--maxmemory", "8mb", "--maxmemory-policy", "noeviction"]
     args += ["--requirepass", password]
-    server = await asyncio.create_subprocess_exec(REDIS_SERVER, *args, stdout=subprocess.DEVNULL)
     url = f"redis://:{password}@127.0.0.1:{port}/0"
+    if tls is None:
+        args += ["--port", str(port)]
+    else:
+        cert, key = tls
+        args += ["--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no"]
+        args += ["--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+        args += ["--tls-ca-cert-file", str(cert)]
+        url = f"rediss://:{password}@127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+    server = await asyncio.create_subprocess_exec(REDIS_SERVER, *args, stdout=subprocess.DEVNULL)
     client = aioredis.Redis.from_url(url)
     try:
         async with asyncio.timeout(15):
@@ -496,18 +530,22 @@ async def start_redis(tmp_path: Path) -> tuple[asyncio.subprocess.Process, str] 
     return None
 
 
-@pytest.fixture
-async def own_redis(tmp_path: Path) -> AsyncIterator[str]:
-    """A throwaway redis-server on loopback for this test alone: 8 MB maxmemory, noeviction,
-    no persistence. Stopped (and its files removed with tmp_path) at the end."""
+def missing(what: str) -> None:
+    if os.environ.get("OUTBOX_REQUIRE_SERVICES") == "1":
+        pytest.fail(what)
+    pytest.skip(what)
+
+
+async def run_redis(tmp_path: Path, tls: tuple[Path, Path] | None = None) -> AsyncIterator[str]:
     if not os.access(REDIS_SERVER, os.X_OK):
-        if os.environ.get("OUTBOX_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{REDIS_SERVER} not found")
-        pytest.skip(f"{REDIS_SERVER} not found")
+        missing(f"{REDIS_SERVER} not found")
     for _ in range(3):
-        started = await start_redis(tmp_path)
+        started = await start_redis(tmp_path, tls)
         if started is not None:
             break
+        log = (tmp_path / "redis.log").read_text()
+        if tls is not None and "tls" in log.lower():
+            missing(f"{REDIS_SERVER} has no TLS support: {log[-300:]}")
     else:
         pytest.fail("redis-server did not start: " + (tmp_path / "redis.log").read_text())
     server, url = started
@@ -520,6 +558,24 @@ async def own_redis(tmp_path: Path) -> AsyncIterator[str]:
         except TimeoutError:
             server.kill()
             await server.wait()
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[str]:
+    """A throwaway redis-server on loopback for this test alone: 8 MB maxmemory, noeviction,
+    no persistence. Stopped (and its files removed with tmp_path) at the end."""
+    async for url in run_redis(tmp_path):
+        yield url
+
+
+@pytest.fixture
+async def tls_redis(tmp_path: Path) -> AsyncIterator[str]:
+    """`own_redis` serving TLS only, with a self-signed certificate for 127.0.0.1: its URL is
+    `rediss://:<password>@127.0.0.1:<port>/0?ssl_ca_certs=<the certificate>`."""
+    if shutil.which("openssl") is None:
+        missing("openssl not found")
+    async for url in run_redis(tmp_path, self_signed(tmp_path, "server")):
+        yield url
 
 
 async def fill(client: aioredis.Redis) -> None:
@@ -611,6 +667,25 @@ async def test_read_only_replica_and_busy_script_are_broker_refusals(own_redis: 
         await client.aclose()
 
 
+async def run_fails_at_start(database_url: str, redis_url: str, *secrets: str) -> str:
+    """`outbox-relay run --broker redis` with a wrong setup: it exits 2, without a traceback,
+    and no secret shows. Returns its last line."""
+    proc = relay_process(database_url, "--broker", "redis", "--redis-url", redis_url)
+    try:
+        _, stderr = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = stderr.decode()
+    assert proc.returncode == 2, text[-2000:]
+    assert [line for line in text.splitlines() if "Traceback" in line] == []
+    for secret in secrets:
+        assert secret not in text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("outbox-relay: error: "), last
+    return last
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("password", ["wrong-secret", ""], ids=["wrong", "missing"])
 async def test_a_wrong_or_missing_password_is_a_configuration_error(
@@ -624,15 +699,140 @@ async def test_a_wrong_or_missing_password_is_a_configuration_error(
         else f"{parts.hostname}:{parts.port}"
     )
     bad_url = urlunsplit(parts._replace(netloc=netloc))
-    proc = relay_process(database_url, "--broker", "redis", "--redis-url", bad_url)
-    try:
-        _, stderr = await asyncio.to_thread(proc.communicate, timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 2
-    last = stderr.decode().strip().splitlines()[-1]
+    last = await run_fails_at_start(database_url, bad_url, "wrong-secret")
     assert last.startswith("outbox-relay: error: redis redis://"), last
     assert "password" in last
-    assert "wrong-secret" not in stderr.decode()
-    assert [line for line in stderr.decode().splitlines() if "Traceback" in line] == []
+
+
+# -- TLS (rediss://) and ACL users ---------------------------------------------------------------
+
+
+def docs_acl_setuser() -> list[str]:
+    """The `ACL SETUSER` line of docs/operations.md ("Redis over TLS, and ACL users")."""
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    (line,) = [line for line in doc.splitlines() if line.startswith("ACL SETUSER ")]
+    return line.split()
+
+
+def with_user(url: str, user: str, password: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port}"))
+
+
+def with_query(url: str, query: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(query=query))
+
+
+@pytest.mark.unit
+def test_a_rediss_url_with_tls_files_and_an_acl_user(tmp_path: Path) -> None:
+    ca, _ = self_signed(tmp_path, "ca")  # loaded when the publisher is built
+    url = f"rediss://outbox-relay:s%40cret@redis.internal:6380/2?ssl_ca_certs={ca}"
+    options = RedisPublisher(url + "&ssl_cert_reqs=required")._client.connection_pool
+    assert options.connection_class is SSLConnection
+    kwargs = options.connection_kwargs
+    assert (kwargs["host"], kwargs["port"], kwargs["db"]) == ("redis.internal", 6380, 2)
+    assert (kwargs["username"], kwargs["password"]) == ("outbox-relay", "s@cret")
+    assert (kwargs["ssl_ca_certs"], kwargs["ssl_cert_reqs"]) == (str(ca), "required")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("query", "problem"),
+    [
+        ("ssl_ca_certs={missing}", "ssl_ca_certs={missing}: no such file"),
+        ("ssl_certfile={missing}", "ssl_certfile={missing}: no such file"),
+        ("ssl_ca_certs={not_pem}", "cannot load its TLS files"),
+        ("ssl_ca_cert={ca}", "unexpected keyword argument 'ssl_ca_cert'"),
+        ("ssl_cert_reqs=maybe", "Invalid SSL Certificate Requirements Flag: maybe"),
+        ("socket_timeout=soon", "Invalid value for 'socket_timeout'"),
+    ],
+)
+def test_a_redis_url_redis_py_cannot_use_is_a_configuration_error(
+    tmp_path: Path, query: str, problem: str
+) -> None:
+    files = {"missing": tmp_path / "nope.pem", "not_pem": tmp_path / "x.pem", "ca": tmp_path}
+    files["not_pem"].write_text("not a certificate")
+    url = f"rediss://u:s3cret-pw@127.0.0.1:6380/0?{query.format(**files)}"
+    with pytest.raises(ConfigurationError) as caught:
+        RedisPublisher(url)
+    message = str(caught.value)
+    assert message.startswith("redis_url: ")
+    assert problem.format(**files) in message
+    assert "s3cret-pw" not in message
+
+
+@pytest.mark.unit
+def test_tls_parameters_in_a_redis_url_say_rediss() -> None:
+    with pytest.raises(ConfigurationError, match=r"ssl_\* parameters need a rediss:// URL"):
+        RedisPublisher("redis://127.0.0.1:6379/0?ssl_ca_certs=/etc/hostname")
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_the_relay_delivers_over_tls_as_an_acl_user(
+    database_url: str, tls_redis: str, topic: str
+) -> None:
+    """The documented ACL, on a server that serves TLS only: the relay starts (its XADD
+    probe passes), publishes every event in order, in MULTI/EXEC transactions."""
+    admin = aioredis.Redis.from_url(tls_redis)
+    try:
+        assert await admin.execute_command(*docs_acl_setuser()) == b"OK"  # type: ignore[no-untyped-call]
+    finally:
+        await admin.aclose()
+    relay_url = with_user(tls_redis, "outbox-relay", "change-me")
+    events = keyed_events(topic, keys=3, per_key=4)
+    await commit_events(database_url, events)
+    publisher = RedisPublisher(relay_url)
+    stats = await pg_relay(database_url, publisher).drain()
+    assert stats.delivered == len(events)
+    assert publisher.atomic  # +multi +exec were enough
+    received = await read_stream(tls_redis, topic, len(events))
+    assert [e.id for e in received] == [e.id for e in events]
+    assert_per_key_order(received)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "mistake", ["wrong-ca", "missing-ca", "wrong-password", "no-xadd", "plain-to-tls-ca"]
+)
+async def test_tls_and_acl_mistakes_are_configuration_errors(
+    database_url: str, tls_redis: str, tmp_path: Path, mistake: str
+) -> None:
+    """`run` exits 2 with one line naming the problem, the password masked."""
+    admin = aioredis.Redis.from_url(tls_redis)
+    try:
+        await admin.execute_command(*docs_acl_setuser())  # type: ignore[no-untyped-call]
+        await admin.execute_command(  # type: ignore[no-untyped-call]
+            "ACL", "SETUSER", "reader", "on", ">reader-secret", "~*", "+@read", "+ping"
+        )
+    finally:
+        await admin.aclose()
+    relay_url = with_user(tls_redis, "outbox-relay", "change-me")
+    query = urlsplit(tls_redis).query
+    other_ca, _ = self_signed(tmp_path, "other")
+    bad_url, expected = {
+        "wrong-ca": (
+            with_query(relay_url, f"ssl_ca_certs={other_ca}"),
+            "TLS certificate verification failed (self-signed certificate)",
+        ),
+        "missing-ca": (
+            with_query(relay_url, f"ssl_ca_certs={tmp_path / 'gone.crt'}"),
+            f"redis_url: ssl_ca_certs={tmp_path / 'gone.crt'}: no such file",
+        ),
+        "wrong-password": (
+            with_query(with_user(tls_redis, "outbox-relay", "wrong-secret"), query),
+            "WRONGPASS",
+        ),
+        "no-xadd": (
+            with_query(with_user(tls_redis, "reader", "reader-secret"), query),
+            "NOPERM this user has no permissions to run the 'xadd' command",
+        ),
+        "plain-to-tls-ca": (
+            with_query(relay_url.replace("rediss://", "redis://"), query),
+            "ssl_* parameters need a rediss:// URL",
+        ),
+    }[mistake]
+    last = await run_fails_at_start(
+        database_url, bad_url, "change-me", "wrong-secret", "reader-secret"
+    )
+    assert expected in last, last

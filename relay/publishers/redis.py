@@ -54,12 +54,18 @@ held, publish() raises BrokerUnavailableError.
 A server or user that refuses MULTI (an ACL without +multi, a proxy) makes the publisher fall
 back to plain pipelining: the commands then ran outside a transaction, their replies are read
 as such, and a warning is logged once. Point 2 is then not covered.
+
+Setup mistakes raise ConfigurationError (`run` exits 2): a URL redis-py cannot use, when the
+publisher is built; and in `start()`, a certificate that does not verify, wrong credentials,
+and an ACL that forbids XADD (XADD_PROBE). Once running, the same errors are BROKER.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+import ssl
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -70,6 +76,7 @@ from redis.exceptions import (
     AuthenticationError,
     InvalidResponse,
     NoPermissionError,
+    RedisError,
     ResponseError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -140,6 +147,15 @@ HOLDS = (Verdict.BROKER, Verdict.HELD)
 MULTI = b"*1\r\n$5\r\nMULTI\r\n"
 EXEC = b"*1\r\n$4\r\nEXEC\r\n"
 
+#: May this user run XADD? Redis checks the ACL before the arguments, so this XADD, whose
+#: MAXLEN is invalid, is refused either by the ACL (NOPERM) or for its MAXLEN, and writes
+#: nothing (NOMKSTREAM too, for a server that would take it).
+XADD_PROBE = ("XADD", "outbox-relay:acl-probe", "NOMKSTREAM", "MAXLEN", "-1", "*", "f", "v")
+#: The TLS files redis-py takes from a rediss:// URL's query.
+TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+#: TLS errors that say nothing about the settings: the peer went away mid-handshake.
+TLS_TRANSIENT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+
 
 def reply_code(exc: BaseException) -> tuple[str, str]:
     """An error reply's code and text. redis-py strips the code of the replies it maps
@@ -173,6 +189,59 @@ def classify(exc: BaseException, stream: str | None = None) -> Failure:
     else:
         verdict = Verdict.RETRY
     return Failure(type(exc).__name__, message, verdict)
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and what caused it, outermost first (redis-py wraps ssl's errors)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def tls_problem(exc: BaseException) -> str | None:
+    """What a failed connection says about the relay's TLS settings; None when it may just
+    be an outage (refused, reset, closed, timed out)."""
+    for cause in causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (
+                f"TLS certificate verification failed ({cause.verify_message or cause.reason}): "
+                "check ssl_ca_certs in redis_url (the CA that signed the server's certificate) "
+                "and that the host name is in the certificate"
+            )
+        if isinstance(cause, ssl.SSLError) and not isinstance(cause, TLS_TRANSIENT):
+            return (
+                f"TLS handshake failed ({cause.reason or cause}): is the port a TLS port? "
+                "(rediss:// needs one), and the ssl_* parameters of redis_url"
+            )
+    return None
+
+
+def check_options(client: aioredis.Redis, url: str) -> None:
+    """Build one connection, without connecting, from the URL's options: ConfigurationError
+    for a parameter redis-py does not take, a bad value, or a TLS file that cannot be used."""
+    pool = client.connection_pool
+    options = pool.connection_kwargs
+    try:
+        conn = pool.connection_class(**options)
+    except (TypeError, RedisError) as exc:  # an unknown parameter, a bad ssl_cert_reqs
+        plain = "'ssl_" in str(exc) and not url.startswith("rediss://")
+        hint = " (ssl_* parameters need a rediss:// URL)" if plain else ""
+        raise ConfigurationError(f"redis_url: {redact(url)}: {exc}{hint}") from exc
+    for name in TLS_FILES:
+        path = options.get(name)
+        if path is not None and not os.path.isfile(path):
+            raise ConfigurationError(f"redis_url: {name}={path}: no such file")
+    context = getattr(conn, "ssl_context", None)
+    if context is not None:
+        try:
+            context.get()  # loads the CA, the client certificate and its key
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigurationError(
+                f"redis_url: {redact(url)}: cannot load its TLS files ({exc})"
+            ) from exc
 
 
 def segments(keys: Sequence[str | None], streams: Sequence[bytes]) -> list[range]:
@@ -242,9 +311,13 @@ class RedisPublisher:
         self.mode = mode
         self.topic_prefix = topic_prefix
         self._trim = [b"MAXLEN", b"~", str(maxlen).encode()] if maxlen else []
-        self._client = aioredis.Redis.from_url(
-            url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
-        )
+        try:
+            self._client = aioredis.Redis.from_url(
+                url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+            )
+        except ValueError as exc:  # a scheme or a query value redis-py cannot parse
+            raise ConfigurationError(f"redis_url: {redact(url)}: {exc}") from exc
+        check_options(self._client, url)
         #: Each segment as one MULTI/EXEC transaction; off when the server refuses MULTI.
         self.atomic = True
 
@@ -257,6 +330,8 @@ class RedisPublisher:
             )
         try:
             await self._client.ping()
+            if self.mode == "streams":
+                await self._check_xadd()
         except (AuthenticationError, NoPermissionError) as exc:
             # A wrong or missing password, or an ACL that forbids the relay: an operator must
             # fix it, so it is not retried as an outage (later, while running, it would be).
@@ -265,7 +340,21 @@ class RedisPublisher:
                 "(check the password in redis_url and the user's ACL)"
             ) from exc
         except BROKER_DOWN as exc:
+            problem = tls_problem(exc)
+            if problem is not None:  # as wrong as a password: exit 2, not an outage
+                raise ConfigurationError(f"redis {redact(self.url)}: {problem}") from exc
             raise BrokerUnavailableError(self._down(exc)) from exc
+
+    async def _check_xadd(self) -> None:
+        """NoPermissionError if the ACL forbids this user XADD (see XADD_PROBE). A refusal of
+        the probe's key says nothing: the streams' names may match the user's key patterns."""
+        try:
+            await self._client.execute_command(*XADD_PROBE)  # type: ignore[no-untyped-call]
+        except NoPermissionError as exc:
+            if "command" in str(exc):  # "... no permissions to run the 'xadd' command"
+                raise
+        except ResponseError:
+            pass  # "The MAXLEN argument must be >= 0": XADD is allowed
 
     async def stop(self) -> None:
         await self._client.aclose()

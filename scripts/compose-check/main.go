@@ -1,5 +1,6 @@
 // compose-check: loads a compose file the way `docker compose config` does (compose-go),
 // validating it against the Compose specification, and prints the normalised model.
+// Usage: compose-check FILE... (COMPOSE_PROFILES=a,b enables profiles, as with docker compose).
 package main
 
 import (
@@ -11,7 +12,7 @@ import (
 )
 
 func main() {
-	opts, err := cli.NewProjectOptions(os.Args[1:], cli.WithOsEnv, cli.WithDotEnv, cli.WithName("check"))
+	opts, err := cli.NewProjectOptions(os.Args[1:], cli.WithOsEnv, cli.WithDotEnv, cli.WithDefaultProfiles(), cli.WithName("check"))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
