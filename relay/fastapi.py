@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -134,6 +136,11 @@ class OutboxLifespan:
             log.info("relay_restarted", restarts=self.restarts)
 
     @property
+    def database_url(self) -> str:
+        """The database the relays use (their settings, or the OUTBOX_* variables)."""
+        return (self._settings or RelaySettings()).database_url
+
+    @property
     def running(self) -> bool:
         """Whether the relay task runs (a relay waiting to be restarted counts)."""
         return self._task is not None and not self._task.done()
@@ -167,6 +174,8 @@ def outbox_router(
     *,
     prefix: str = "/outbox",
     ready_timeout: float = 2.0,
+    dlq_auth: Callable[..., Any] | None = None,
+    database_url: str | None = None,
 ) -> APIRouter:
     """Health probes and metrics of the relay that `lifespan` runs:
 
@@ -176,6 +185,16 @@ def outbox_router(
       broker's circuit breaker is closed, and the relay holds key buckets (or every bucket
       has a live owner, so it is not needed); else 503 with the reasons;
     - `GET {prefix}/metrics`: the Prometheus exposition of the relay's metrics.
+
+    With `dlq_auth`, a FastAPI dependency that raises (401, 403) for callers who may not read
+    dead letters, two read-only endpoints are added behind it (there is no mutating one;
+    replay and purge are `outbox-relay dlq` commands):
+
+    - `GET {prefix}/dead-letters?topic=&key=&type=&error_class=&since=&until=&limit=`: the
+      newest first (a key's chain in order), without payloads;
+    - `GET {prefix}/dead-letters/{event_id}`: one in full, headers and payload included.
+
+    They read `database_url` (default: the lifespan's settings).
 
     Mind what a readiness probe does: an API pod that fails it gets no traffic. For a relay
     embedded in an API, probe `/health/ready` from monitoring rather than from the pod's
@@ -230,4 +249,45 @@ def outbox_router(
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    if dlq_auth is not None:
+        _add_dead_letter_routes(router, dlq_auth, database_url or lifespan.database_url)
     return router
+
+
+def _add_dead_letter_routes(router: APIRouter, auth: Callable[..., Any], database_url: str) -> None:
+    from fastapi import Depends, HTTPException, Query
+
+    from relay import admin
+
+    def utc(moment: datetime | None) -> datetime | None:
+        return moment.replace(tzinfo=UTC) if moment and moment.tzinfo is None else moment
+
+    @router.get("/dead-letters", dependencies=[Depends(auth)])
+    async def list_dead_letters(
+        topic: str | None = None,
+        key: str | None = None,
+        type: str | None = None,
+        error_class: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = Query(50, ge=1, le=1000),
+    ) -> dict[str, Any]:
+        filters = admin.Filters(
+            topic=topic,
+            key=key,
+            event_type=type,
+            error_class=error_class,
+            since=utc(since),
+            until=utc(until),
+        )
+        async with admin.connect(database_url) as conn:
+            rows = await admin.list_dead_letters(conn, filters, limit)
+        return {"dead_letters": [admin.document(r) for r in rows]}
+
+    @router.get("/dead-letters/{event_id}", dependencies=[Depends(auth)])
+    async def show_dead_letter(event_id: uuid.UUID) -> dict[str, Any]:
+        async with admin.connect(database_url) as conn:
+            rows = await admin.show_dead_letters(conn, admin.Filters(event_ids=(event_id,)))
+        if not rows:
+            raise HTTPException(404, f"no dead letter with event id {event_id}")
+        return admin.document(rows[0])

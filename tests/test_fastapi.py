@@ -279,3 +279,65 @@ async def test_readiness_fails_while_the_database_is_unreachable() -> None:
     ) as client:
         dead = await client.get("/outbox/health/live")
         assert dead.status_code == 503  # the lifespan has ended: the relay is gone
+
+
+@pytest.mark.postgres
+async def test_dead_letter_endpoints_are_read_only_and_behind_the_given_auth(
+    database_url: str,
+) -> None:
+    from fastapi import Header, HTTPException
+
+    from relay.fastapi import outbox_router
+
+    def operators_only(x_token: str | None = Header(None)) -> None:
+        if x_token != "s3cret":
+            raise HTTPException(403, "operators only")
+
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        ids = [uuid.uuid4(), uuid.uuid4()]
+        for n, (event_id, topic) in enumerate(zip(ids, ["orders", "audit"], strict=True)):
+            await conn.execute(
+                "INSERT INTO outbox_dead_letters (event_id, original_seq, topic, key, payload,"
+                " headers, created_at, attempts, first_failed_at, last_failed_at, error_class,"
+                " error_message, relay_id) VALUES ($1, $2, $3, 'k', '{\"n\": 1}', '{}', now(), 1,"
+                " now(), now(), 'E', 'refused', 'r')",
+                event_id,
+                n + 1,
+                topic,
+            )
+    finally:
+        await conn.close()
+    settings = RelaySettings(database_url=database_url, broker="stdout", poll_interval=0.2)
+    lifespan = outbox_lifespan(settings)
+    app = FastAPI(lifespan=lifespan)
+    app.include_router(outbox_router(lifespan, dlq_auth=operators_only))
+    bare = FastAPI()
+    bare.include_router(outbox_router(outbox_lifespan(settings)))  # no auth: no endpoints
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://app"
+    ) as client:
+        token = {"x-token": "s3cret"}
+        assert (await client.get("/outbox/dead-letters")).status_code == 403
+        listed = await client.get("/outbox/dead-letters", params={"topic": "orders"}, headers=token)
+        assert listed.status_code == 200, listed.text
+        [row] = listed.json()["dead_letters"]
+        assert row["event_id"] == str(ids[0])
+        assert "payload" not in row
+        shown = await client.get(f"/outbox/dead-letters/{ids[1]}", headers=token)
+        assert shown.json()["payload"] == {"n": 1}
+        assert shown.json()["topic"] == "audit"
+        missing = await client.get(f"/outbox/dead-letters/{uuid.uuid4()}", headers=token)
+        assert missing.status_code == 404
+        assert (
+            await client.get("/outbox/dead-letters/not-a-uuid", headers=token)
+        ).status_code == 422
+        bad = await client.get("/outbox/dead-letters", params={"limit": 0}, headers=token)
+        assert bad.status_code == 422
+        for method in ("POST", "PUT", "DELETE", "PATCH"):
+            response = await client.request(method, f"/outbox/dead-letters/{ids[0]}", headers=token)
+            assert response.status_code == 405, method
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=bare), base_url="http://app"
+    ) as client:
+        assert (await client.get("/outbox/dead-letters")).status_code == 404
