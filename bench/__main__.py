@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import fleet, report, workloads
+from bench import fleet, notify_cost, report, workloads
 from bench.brokers import BROKERS, Broker, BrokerOps
 from bench.config import WORKLOADS, BenchConfig, full, quick, with_overrides
 from bench.infra import REPO, Databases, Services, machine_facts, other_activity
@@ -33,6 +33,7 @@ RUNNERS: dict[str, Runner] = {
     "profile": fleet.profile,
     "metrics": workloads.metrics_cost,
     "longtx": workloads.long_transaction,
+    "notify": notify_cost.notify_cost,
 }
 
 

@@ -7,7 +7,17 @@ from pathlib import Path
 
 from bench.brokers import BROKERS, Broker
 
-WORKLOADS = ("drain", "latency", "overhead", "cost", "scaleout", "profile", "metrics", "longtx")
+WORKLOADS = (
+    "drain",
+    "latency",
+    "overhead",
+    "cost",
+    "scaleout",
+    "profile",
+    "metrics",
+    "longtx",
+    "notify",
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,10 @@ class BenchConfig:
     metrics_rounds: int = 4
     #: The long-transaction cliff: a drain of this many events with a snapshot held open.
     long_txn_events: int = 400_000
+    #: The wake-up's cost: this many raw writers, one event per transaction, notify on/off.
+    notify_writers: int = 64
+    notify_seconds: float = 5.0
+    notify_rounds: int = 2
     #: Seconds one drain may take before it is reported as timed out.
     drain_timeout: float = 600.0
 
@@ -93,6 +107,9 @@ def quick(out: Path) -> BenchConfig:
         metrics_events=2_000,
         metrics_rounds=2,
         long_txn_events=5_000,
+        notify_writers=8,
+        notify_seconds=1.0,
+        notify_rounds=1,
         drain_timeout=60.0,
     )
 
@@ -130,6 +147,8 @@ class Targets:
     metrics_ratio: float = 0.97
     #: With a snapshot held open elsewhere: the last tenth of a drain vs the first.
     long_txn_ratio: float = 0.7
+    #: Writers with the default NOTIFY vs `outbox.notify = off`: throughput (1 - 0.10).
+    notify_ratio: float = 0.9
 
 
 TARGETS = Targets()

@@ -229,6 +229,23 @@ def evaluate_targets(results: Result) -> list[Result]:
             )
         else:
             out.append(_target(name, "-", None))
+    modes = {r["system"]: r for r in _ok(results.get("notify", []))}
+    off, on = modes.get("writers, notify off"), modes.get("writers, notify on")
+    name = f"writers with the default NOTIFY >= {t.notify_ratio}x notify off"
+    if off and on:
+        ratio = on["tx_per_s"] / off["tx_per_s"]
+        out.append(
+            _target(
+                name,
+                f"{ratio:.2f}x ({on['tx_per_s']:,} vs {off['tx_per_s']:,} tx/s, "
+                f"{on['writers']} writers)",
+                ratio >= t.notify_ratio,
+                f"p50/p99 {on['p50_ms']}/{on['p99_ms']} ms vs {off['p50_ms']}/{off['p99_ms']} ms; "
+                f"runs {on['runs_tx_per_s']} vs {off['runs_tx_per_s']}",
+            )
+        )
+    else:
+        out.append(_target(name, "-", None))
     rss = [
         r["peak_rss_mb"]
         for r in _ok(results.get("cost", [])) + _ok(results.get("scaleout", []))

@@ -263,7 +263,6 @@ class Relay:
         claim, which sees the settled retries and quarantines). See relay/ordering.py."""
         store_backoff = CircuitBreaker(rand=self._rand)
         pacer = PollPacer(self.poll_interval)
-        announced = True  # whether a NOTIFY (not the timer) ended the last wait
         polled = False  # whether this claim follows a wait the timer ended
         pipe = _Pipeline()
         try:
@@ -330,9 +329,8 @@ class Relay:
                 # Only a fresh claim tells that the work ran out: a prefetched one left out
                 # what was in flight or passed over, so a fresh claim follows it at once.
                 if fresh and not claim.full and not self._stopping.is_set():
-                    delay = pacer.after_claim(found=bool(claim), announced=announced)
-                    announced = await self._wait_for_work(delay)
-                    polled = not announced
+                    delay = pacer.after_claim(found=bool(claim))
+                    polled = not await self._wait_for_work(delay)  # the timer ended it
             try:
                 await pipe.finish_settling()  # stopping: what was published gets recorded
             except StoreUnavailableError as exc:  # then it is published again later

@@ -38,6 +38,7 @@ def test_wheel_ships_migrations_queries_and_types(tmp_path: Path) -> None:
         "outbox/migrations/script.py.mako",
         "outbox/migrations/versions/0001_initial.py",
         "outbox/migrations/versions/0002_notify_setting.py",
+        "outbox/migrations/versions/0005_notify_debounce.py",
         "relay/queries.sql",
         "outbox/py.typed",
         "relay/py.typed",

@@ -40,16 +40,14 @@ def test_circuit_breaker_backs_off_and_closes() -> None:
     assert not breaker.is_open
 
 
-def test_poll_pacer_polls_fast_only_for_unannounced_events() -> None:
+def test_poll_pacer_claims_again_quickly_after_a_find() -> None:
     pacer = PollPacer(interval=1.0, fast=0.01)
-    assert pacer.after_claim(found=True, announced=True) == 1.0  # NOTIFYs flow: just wait
-    assert pacer.after_claim(found=False, announced=True) == 1.0
-    assert pacer.after_claim(found=True, announced=False) == 0.01  # found by the timer
-    assert pacer.after_claim(found=True, announced=False) == 0.01  # ... and again
-    backing_off = [pacer.after_claim(found=False, announced=False) for _ in range(8)]
+    assert pacer.after_claim(found=False) == 1.0  # idle: the full interval
+    assert pacer.after_claim(found=True) == 0.01  # found: look again soon
+    assert pacer.after_claim(found=True) == 0.01  # ... and again
+    backing_off = [pacer.after_claim(found=False) for _ in range(8)]
     assert backing_off == [0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0, 1.0]
-    assert pacer.after_claim(found=True, announced=True) == 1.0
-    assert PollPacer(interval=0.005).after_claim(found=True, announced=False) == 0.005
+    assert PollPacer(interval=0.005).after_claim(found=True) == 0.005
 
 
 @pytest.fixture
@@ -235,10 +233,12 @@ async def test_stop_while_the_broker_is_down_at_startup_is_clean(
     assert store.stopped
 
 
-async def test_unannounced_events_make_the_relay_poll_fast(
+async def test_a_find_makes_the_relay_claim_again_quickly(
     db: OutboxDb, store: TrackedSqliteStore
 ) -> None:
-    """Writers with `outbox.notify = off`: nothing calls wake(), the timer finds the events."""
+    """Unannounced events (writers with `outbox.notify = off`: nothing calls wake()) are found
+    by the timer; announced or not, a claim that found events is followed by quick claims,
+    which pick up the events of transactions whose NOTIFY the trigger skipped."""
     publisher = RecordingPublisher()
     relay = make_relay(store, publisher, poll_interval=0.05)
     delays: list[float] = []
@@ -264,7 +264,7 @@ async def test_unannounced_events_make_the_relay_poll_fast(
     found_at = delays.index(0.01)  # the wait right after the timer found "a"
     assert delays[:found_at] == [0.05] * found_at
     assert delays[found_at + 1 : found_at + 3] == [0.02, 0.04]  # empty claims back off
-    assert 0.01 not in delays[found_at + 3 :]  # "b" was announced: no fast poll for it
+    assert 0.01 in delays[found_at + 3 :]  # "b" was announced, and found: quick claims too
 
 
 # -- per-key order and the poison policy, at the loop level, on SqliteStore ---------------------

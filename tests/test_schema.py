@@ -139,9 +139,43 @@ async def test_notify_setting_off_silences_the_trigger(
     await listener.close()
 
 
+async def test_at_most_two_transactions_notify_at_once(
+    database_url: str, pg: asyncpg.Connection
+) -> None:
+    """While two notifying transactions are in flight, a third commits without a NOTIFY (so
+    it does not queue behind them on Postgres's notification lock); later ones notify."""
+    received: asyncio.Queue[str] = asyncio.Queue()
+    listener = await asyncpg.connect(asyncpg_dsn(database_url))
+    await listener.add_listener("outbox_events", lambda *a: received.put_nowait(a[3]))
+    insert = "INSERT INTO outbox_events (id, topic, payload) VALUES (gen_random_uuid(), 't', '{}')"
+    first = await asyncpg.connect(asyncpg_dsn(database_url))
+    second = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        for conn in (first, second):
+            await conn.execute("BEGIN")
+            await conn.execute(insert)  # each holds a notify slot until it ends
+        async with pg.transaction():
+            await pg.execute(insert)  # both slots taken: no NOTIFY
+        # Notifications arrive in commit order: the marker first means the insert sent none.
+        await pg.execute("SELECT pg_notify('outbox_events', 'marker')")
+        assert await asyncio.wait_for(received.get(), 5) == "marker"
+        await first.execute("COMMIT")
+        assert await asyncio.wait_for(received.get(), 5) == ""
+        async with pg.transaction():
+            await pg.execute(insert)  # a slot is free again
+        assert await asyncio.wait_for(received.get(), 5) == ""
+        await second.execute("COMMIT")
+        assert await asyncio.wait_for(received.get(), 5) == ""
+        assert await pg.fetchval("SELECT count(*) FROM outbox_events") == 4
+    finally:
+        for conn in (first, second, listener):
+            await conn.close()
+
+
 @pytest.mark.parametrize(
     ("column", "value"),
-    [("attempts", "-1"), ("topic", "''"), ("bucket", "64"), ("headers", "'[]'::jsonb")],
+    # Not `bucket`: Postgres overwrites any value sent (tests/test_buckets.py).
+    [("attempts", "-1"), ("topic", "''"), ("headers", "'[]'::jsonb")],
 )
 async def test_check_constraints(pg: asyncpg.Connection, column: str, value: str) -> None:
     columns = {"id": "gen_random_uuid()", "topic": "'t'", "payload": "'{}'", column: value}
@@ -164,13 +198,13 @@ async def test_claim_is_an_index_scan_whatever_waits(database_url: str, waiting:
     pg = await asyncpg.connect(asyncpg_dsn(database_url), server_settings=PLANNER_SETTINGS)
     try:
         await pg.execute(
-            "INSERT INTO outbox_events (id, topic, key, bucket, payload) "
-            "SELECT gen_random_uuid(), 't', 'k' || (g % 1000), (g % 64), '{}' "
+            "INSERT INTO outbox_events (id, topic, key, payload) "
+            "SELECT gen_random_uuid(), 't', 'k' || (g % 1000), '{}' "
             "FROM generate_series(1, 200000) AS g"
         )
         await pg.execute(
-            "INSERT INTO outbox_events (id, topic, key, bucket, payload, available_at, attempts) "
-            "SELECT gen_random_uuid(), 't', 'w' || g, (g % 64), '{}', "
+            "INSERT INTO outbox_events (id, topic, key, payload, available_at, attempts) "
+            "SELECT gen_random_uuid(), 't', 'w' || g, '{}', "
             "now() + interval '1 hour', 1 FROM generate_series(1, $1) AS g",
             waiting,
         )
@@ -246,6 +280,34 @@ async def test_migrations_up_down_up_and_match_models(empty_database_url: str) -
         differences = await conn.run_sync(diff)
     await engine.dispose()
     assert differences == []
+
+
+async def test_models_create_the_bucket_trigger_of_the_migrations(
+    database_url: str, empty_database_url: str
+) -> None:
+    """What compare_metadata cannot see: `metadata.create_all` on Postgres creates the same
+    bucket function and trigger as the migrations (outbox/models.py, migration 0004)."""
+    engine = create_async_engine(sqlalchemy_async_url(empty_database_url))
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    await engine.dispose()
+
+    async def definition(url: str) -> tuple[str, str, str]:
+        conn = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            row = await conn.fetchrow(
+                "SELECT pg_get_triggerdef(t.oid) AS trigger, t.tgenabled::text AS enabled,"
+                " p.prosrc FROM pg_trigger AS t JOIN pg_proc AS p ON p.oid = t.tgfoid"
+                " WHERE t.tgname = 'outbox_events_bucket'"
+            )
+        finally:
+            await conn.close()
+        assert row is not None, url
+        return row["trigger"], row["enabled"], " ".join(row["prosrc"].split())
+
+    migrated, created = await definition(database_url), await definition(empty_database_url)
+    assert migrated == created
+    assert migrated[1] == "A"  # ENABLE ALWAYS
 
 
 async def test_migrate_cli(empty_database_url: str) -> None:
