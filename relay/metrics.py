@@ -162,8 +162,8 @@ class RelayCollector(Collector):
         )
         yield CounterMetricFamily(
             "outbox_missed_wakeups",
-            "New events a timed poll found that no NOTIFY announced (includes delayed events "
-            "that came due).",
+            "New events a timed poll found that no NOTIFY announced (the trigger's skipped "
+            "NOTIFYs, writers with notify off, LISTEN down, delayed events that came due).",
             value=m.missed_wakeups,
         )
         yield CounterMetricFamily(
