@@ -11,11 +11,11 @@ import asyncpg
 
 from outbox import uuid7
 from outbox.urls import asyncpg_dsn
-from outbox.validation import bucket_for
 
 #: Rows per COPY call (bounds the memory of a 1M seed).
 CHUNK = 50_000
-OUTBOX_COLUMNS = ("id", "topic", "key", "bucket", "payload", "headers")
+#: No bucket: Postgres computes it, for COPY too (migration 0004).
+OUTBOX_COLUMNS = ("id", "topic", "key", "payload", "headers")
 FASTSTREAM_COLUMNS = ("queue", "payload", "headers")
 
 
@@ -45,16 +45,9 @@ def key_of(n: int, keys: int) -> str:
     return f"order-{n % keys}"
 
 
-def _outbox_rows(
-    start: int, stop: int, topic: str, keys: int, buckets: dict[str, int]
-) -> Iterator[tuple[object, ...]]:
+def _outbox_rows(start: int, stop: int, topic: str, keys: int) -> Iterator[tuple[object, ...]]:
     for n in range(start, stop):
-        event_id = uuid7()
-        key = key_of(n, keys)
-        bucket = buckets.get(key)
-        if bucket is None:
-            bucket = buckets[key] = bucket_for(key, str(event_id))
-        yield (event_id, topic, key, bucket, payload(n, new_bench_id()), "{}")
+        yield (uuid7(), topic, key_of(n, keys), payload(n, new_bench_id()), "{}")
 
 
 async def seed_outbox(
@@ -70,14 +63,13 @@ async def seed_outbox(
     `on_commit` runs right after the commit, before ANALYZE: the moment a running relay can
     start on them."""
     conn = await asyncpg.connect(asyncpg_dsn(url))
-    buckets: dict[str, int] = {}
     try:
         async with conn.transaction():
             for start in range(0, count, CHUNK):
                 stop = min(count, start + CHUNK)
                 await conn.copy_records_to_table(
                     "outbox_events",
-                    records=list(_outbox_rows(start, stop, topic, keys, buckets)),
+                    records=list(_outbox_rows(start, stop, topic, keys)),
                     columns=OUTBOX_COLUMNS,
                 )
         if on_commit is not None:
@@ -93,8 +85,8 @@ async def seed_waiting(url: str, count: int, topic: str) -> None:
     conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         await conn.execute(
-            "INSERT INTO outbox_events (id, topic, key, bucket, payload, available_at, attempts) "
-            "SELECT gen_random_uuid(), $2, 'waiting-' || g, g % 64, '{}', "
+            "INSERT INTO outbox_events (id, topic, key, payload, available_at, attempts) "
+            "SELECT gen_random_uuid(), $2, 'waiting-' || g, '{}', "
             "now() + interval '1 hour', 1 FROM generate_series(1, $1) AS g",
             count,
             topic,

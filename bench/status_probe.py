@@ -29,14 +29,14 @@ from relay.status import read_status
 TARGET_SECONDS = 1.0
 
 LOAD = """
-INSERT INTO outbox_events (id, topic, key, bucket, payload)
-SELECT gen_random_uuid(), 'orders', 'order-' || (g % 1000), g % 64,
+INSERT INTO outbox_events (id, topic, key, payload)
+SELECT gen_random_uuid(), 'orders', 'order-' || (g % 1000),
        jsonb_build_object('order_id', g, 'total', '19.99', 'currency', 'EUR')
 FROM generate_series(1, $1) AS g
 """
 LOAD_WAITING = """
-INSERT INTO outbox_events (id, topic, key, bucket, payload, available_at, attempts)
-SELECT gen_random_uuid(), 'orders', 'retrying-' || g, g % 64, '{}',
+INSERT INTO outbox_events (id, topic, key, payload, available_at, attempts)
+SELECT gen_random_uuid(), 'orders', 'retrying-' || g, '{}',
        now() + make_interval(secs => g), 1
 FROM generate_series(1, $1) AS g
 """

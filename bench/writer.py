@@ -42,7 +42,6 @@ from bench.infra import PRODUCTS
 from bench.seed import key_of, new_bench_id, payload_dict
 from outbox import OutboxEvent, enqueue, uuid7
 from outbox.urls import asyncpg_dsn, sqlalchemy_async_url
-from outbox.validation import bucket_for
 
 MODES = (
     "plain",
@@ -155,9 +154,7 @@ def orm_extra(mode: str, topic: str, keys: int) -> Extra:
 
 
 ORDER_SQL = "INSERT INTO orders (customer, total) VALUES ($1, $2)"
-OUTBOX_SQL = (
-    "INSERT INTO outbox_events (id, topic, key, bucket, payload) VALUES ($1, $2, $3, $4, $5)"
-)
+OUTBOX_SQL = "INSERT INTO outbox_events (id, topic, key, payload) VALUES ($1, $2, $3, $4)"
 # What faststream-outbox's publish sends: one INSERT whose RETURNING also notifies.
 FASTSTREAM_SQL = (
     "INSERT INTO fs_outbox (queue, payload, headers) VALUES ($1, $2, $3) "
@@ -173,9 +170,7 @@ def sql_extra(mode: str, topic: str, keys: int) -> SqlExtra:
         return None
 
     async def outbox(conn: asyncpg.Connection, n: int, event: dict[str, Any]) -> None:
-        event_id, key = uuid7(), key_of(n, keys)
-        bucket = bucket_for(key, str(event_id))
-        await conn.execute(OUTBOX_SQL, event_id, topic, key, bucket, json.dumps(event))
+        await conn.execute(OUTBOX_SQL, uuid7(), topic, key_of(n, keys), json.dumps(event))
 
     async def faststream(conn: asyncpg.Connection, n: int, event: dict[str, Any]) -> None:
         headers = {"content-type": "application/json", "correlation_id": new_bench_id()}

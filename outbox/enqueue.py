@@ -23,13 +23,14 @@ from outbox.ids import uuid7
 from outbox.models import OutboxEvent
 
 #: The one INSERT of the fast path. `available_at` defaults like the column: the transaction's
-#: start time, which is also `created_at`.
+#: start time, which is also `created_at`. Postgres sets the bucket (migration 0004).
 INSERT_EVENT_SQL = (
-    "INSERT INTO outbox_events"
-    " (id, topic, key, bucket, payload, headers, event_type, available_at)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, COALESCE($8, now()))"
+    "INSERT INTO outbox_events (id, topic, key, payload, headers, event_type, available_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, COALESCE($7, now()))"
 )
-_CORE_INSERT = insert(OutboxEvent)
+#: `inline()`: no `RETURNING seq` for the primary key (SQLAlchemy adds one to a single-row
+#: INSERT), so a writer with the INSERT privilege alone can enqueue on this path too.
+_CORE_INSERT = insert(OutboxEvent).inline()
 
 
 async def enqueue(
@@ -61,7 +62,6 @@ async def enqueue(
     event_type = validation.check_event_type(event_type)
     if available_at is not None:
         available_at = validation.check_available_at(available_at)
-    bucket = validation.bucket_for(key, str(event_id))
 
     if session.autoflush:  # like a query: pending ORM rows first, so seq follows call order
         await session.flush()
@@ -75,7 +75,6 @@ async def enqueue(
             event_id,
             topic,
             key,
-            bucket,
             payload_json,
             json.dumps(checked_headers, separators=(",", ":")),
             event_type,
@@ -86,7 +85,6 @@ async def enqueue(
         "id": event_id,
         "topic": topic,
         "key": key,
-        "bucket": bucket,
         "payload": payload,
         "headers": checked_headers,
         "event_type": event_type,

@@ -17,11 +17,13 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    FetchedValue,
     Identity,
     Index,
     Integer,
     MetaData,
     SmallInteger,
+    Table,
     Text,
     TypeDecorator,
     Uuid,
@@ -31,7 +33,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 
 from outbox import validation
@@ -112,6 +114,7 @@ class OutboxEvent(OutboxBase):
     )
     # The INSERT returns only `seq`; `created_at`, `available_at` and `attempts` load on first
     # access. Fetching them too cost ~0.1 ms of writer CPU per event (bench: writer overhead).
+    # So the writer's role needs SELECT on `seq` alone (docs/operations.md, "Database roles").
     __mapper_args__ = {"eager_defaults": False}  # noqa: RUF012 - SQLAlchemy's own attribute
 
     #: Per-table monotonic sequence: the delivery order of events that share a key.
@@ -120,8 +123,12 @@ class OutboxEvent(OutboxBase):
     id: Mapped[uuid.UUID] = mapped_column(Uuid(), nullable=False)
     topic: Mapped[str] = mapped_column(Text, nullable=False)
     key: Mapped[str | None] = mapped_column(Text)
-    #: Lease bucket of the key (hash of the key modulo BUCKETS), set from `key` on construction.
-    bucket: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default="0")
+    #: Lease bucket of the key, `hashtext(coalesce(key, id::text)) & 63`: Postgres sets it on
+    #: every insert, whoever writes the row (trigger below); a value sent is overwritten. 0 on
+    #: SQLite, where one relay owns every bucket.
+    bucket: Mapped[int] = mapped_column(
+        SmallInteger, nullable=False, server_default="0", server_onupdate=FetchedValue()
+    )
     payload: Mapped[Any] = mapped_column(JsonColumn, nullable=False)
     headers: Mapped[dict[str, str]] = mapped_column(JsonColumn, nullable=False, server_default="{}")
     event_type: Mapped[str | None] = mapped_column(Text)
@@ -149,7 +156,7 @@ class OutboxEvent(OutboxBase):
     ) -> None:
         self.id = id if id is not None else uuid7()
         self.topic = topic
-        self.key = key  # the key's validator also sets `bucket`
+        self.key = key
         self.payload = payload
         self.headers = headers or {}
         self.event_type = event_type
@@ -162,9 +169,7 @@ class OutboxEvent(OutboxBase):
 
     @validates("key")
     def _validate_key(self, _: str, value: object) -> str | None:
-        key = validation.check_key(value)
-        self.bucket = validation.bucket_for(key, str(self.id))
-        return key
+        return validation.check_key(value)
 
     @validates("payload")
     def _validate_payload(self, _: str, value: object) -> Any:
@@ -192,6 +197,38 @@ def _check_again_at_flush(_: Any, __: Any, target: OutboxEvent) -> None:
     dict is mutable): what is written is checked again, so it is what the checks allowed."""
     validation.check_payload(target.payload)
     validation.check_headers(target.headers)
+
+
+#: The bucket of every row, computed by Postgres (migration 0004), so that raw-SQL writers in
+#: any language spread keys exactly like OutboxEvent and `enqueue`. Here for
+#: `metadata.create_all` on Postgres; tests/test_schema.py checks it is what the migrations
+#: create. A trigger, not a generated column: writers that still send a bucket keep working.
+BUCKET_TRIGGER_DDL = (
+    """
+    CREATE OR REPLACE FUNCTION outbox_bucket() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        NEW.bucket := hashtext(coalesce(NEW.key, NEW.id::text)) & 63;
+        RETURN NEW;
+    END
+    $$
+    """,
+    "CREATE TRIGGER outbox_events_bucket BEFORE INSERT OR UPDATE OF key, id, bucket "
+    "ON outbox_events FOR EACH ROW EXECUTE FUNCTION outbox_bucket()",
+    "ALTER TABLE outbox_events ENABLE ALWAYS TRIGGER outbox_events_bucket",
+)
+
+
+@event.listens_for(OutboxEvent.__table__, "after_create")
+def _create_bucket_trigger(_: Table, connection: Connection, **__: Any) -> None:
+    if connection.dialect.name == "postgresql":  # SQLite: bucket 0, one relay owns them all
+        for statement in BUCKET_TRIGGER_DDL:
+            connection.exec_driver_sql(statement)
+
+
+@event.listens_for(OutboxEvent.__table__, "after_drop")
+def _drop_bucket_function(_: Table, connection: Connection, **__: Any) -> None:
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("DROP FUNCTION IF EXISTS outbox_bucket()")
 
 
 class DeadLetter(OutboxBase):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import zlib
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -32,7 +31,8 @@ MAX_DELAY = timedelta(days=366)
 RESERVED_HEADER_PREFIX = RESERVED_PREFIX
 #: Default payload limit (1 MiB of UTF-8 JSON); override with OUTBOX_MAX_PAYLOAD_BYTES.
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
-#: Keys are hashed into this many buckets; a relay leases buckets, so one key has one owner.
+#: Keys are hashed into this many buckets (by Postgres, migration 0004); a relay leases
+#: buckets, so one key has one owner.
 BUCKETS = 64
 #: A JSON-escaped NUL (\u0000) not itself escaped: Postgres jsonb cannot store it.
 _ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -212,11 +212,6 @@ def check_available_at(value: object) -> datetime:
             "holds back the later events of its key until then",
         )
     return value
-
-
-def bucket_for(key: str | None, fallback: str) -> int:
-    """The lease bucket of a key; keyless events spread by their id (`fallback`)."""
-    return zlib.crc32((key if key is not None else fallback).encode("utf-8")) % BUCKETS
 
 
 def _is_utf8(text: str) -> bool:

@@ -1,81 +1,275 @@
-"""Operator actions on the dead letters (used by `outbox-relay dlq ...`)."""
+"""Operator actions on the dead letters (used by `outbox-relay dlq ...`).
+
+Every action chooses dead letters with the same `Filters`, bound as the parameters of one
+filtered query (`dlq_chosen` in queries.sql). Replay and purge go in batches of one
+transaction each, walking the primary key, so that a replay of a million dead letters holds
+neither a million rows in memory nor one long transaction.
+"""
 
 from __future__ import annotations
 
+import json
 import shlex
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 
 import asyncpg
 
 from outbox.urls import asyncpg_dsn
-from outbox.validation import bucket_for
 from relay.sql import QUERIES
+
+#: Dead letters per transaction of replay and purge (a quarantine chain is never split, so a
+#: batch can hold more: the chains of the dead letters it picked).
+BATCH_SIZE = 1000
+
+#: The dlq_* queries over the filtered dead letters, as they are run (see queries.sql).
+FILTERED = MappingProxyType(
+    {
+        name: f"WITH chosen AS ({QUERIES['dlq_chosen']})\n{QUERIES[name]}"
+        for name in ("dlq_list", "dlq_show", "dlq_summary", "dlq_orphans", "dlq_pick", "dlq_purge")
+    }
+)
+
+#: The fields of a dead letter's JSON document (`dlq list --json`), in this order; `dlq show`
+#: adds `headers` and `payload`.
+DOCUMENT_FIELDS = (
+    "dead_letter_id",
+    "event_id",
+    "original_seq",
+    "topic",
+    "key",
+    "event_type",
+    "error_class",
+    "error_message",
+    "attempts",
+    "created_at",
+    "first_failed_at",
+    "last_failed_at",
+    "relay_id",
+    "holds_key",
+    "held_behind",
+)
 
 
 class ChainError(ValueError):
     """A replay asked for part of a quarantine chain; the message says what to run instead."""
 
 
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """Which dead letters a command acts on: all of the given conditions (none: every one)."""
+
+    event_ids: tuple[uuid.UUID, ...] = ()
+    topic: str | None = None
+    key: str | None = None
+    event_type: str | None = None
+    error_class: str | None = None
+    #: Dead-lettered (last_failed_at) at or after `since`, and before `until`.
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def params(self) -> tuple[Any, ...]:
+        """$1 to $7 of `dlq_chosen`."""
+        return (
+            list(self.event_ids) or None,
+            self.topic,
+            self.key,
+            self.event_type,
+            self.error_class,
+            self.since,
+            self.until,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """Chosen dead letters of one topic and error class (`dlq count`, `dlq purge`)."""
+
+    topic: str
+    error_class: str
+    count: int
+    #: How many of them hold their key (a quarantine chain).
+    holding_key: int
+    oldest: datetime
+    newest: datetime
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "topic": self.topic,
+            "error_class": self.error_class,
+            "count": self.count,
+            "holding_key": self.holding_key,
+            "oldest": self.oldest.isoformat(),
+            "newest": self.newest.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    replayed: int
+    transactions: int
+    #: Quarantined keys whose chain went back (their quarantine is lifted).
+    released_keys: int
+
+
+@dataclass(frozen=True, slots=True)
+class Purged:
+    purged: int
+    transactions: int
+
+
 @asynccontextmanager
-async def _connect(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+async def connect(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection that plans every statement with its parameters, so that the filters that
+    are not given fold away and the planner sees which indexes the others allow."""
+    conn = await asyncpg.connect(
+        asyncpg_dsn(database_url), server_settings={"plan_cache_mode": "force_custom_plan"}
+    )
     try:
         yield conn
     finally:
         await conn.close()
 
 
+def document(row: asyncpg.Record) -> dict[str, Any]:
+    """A dead letter as a JSON-ready dict: DOCUMENT_FIELDS, then headers and payload if read."""
+    doc: dict[str, Any] = {}
+    for name in DOCUMENT_FIELDS:
+        value = row[name]
+        if isinstance(value, datetime):
+            value = value.isoformat()
+        elif isinstance(value, uuid.UUID):
+            value = str(value)
+        doc[name] = value
+    if "payload" in row:
+        doc["headers"] = json.loads(row["headers"])
+        doc["payload"] = json.loads(row["payload"])
+    return doc
+
+
 async def list_dead_letters(
-    database_url: str, topic: str | None, limit: int, key: str | None = None
-) -> list[dict[str, Any]]:
-    """Newest first; with `key`, that key's dead letters in their original order (its chain)."""
-    async with _connect(database_url) as conn:
-        rows = await conn.fetch(QUERIES["list_dead_letters"], topic, key, limit)
-        return [dict(r) for r in rows]
+    conn: asyncpg.Connection, filters: Filters, limit: int
+) -> list[asyncpg.Record]:
+    """At most `limit`, newest first; with a key, that key's dead letters in their original
+    order (its chain)."""
+    rows: list[asyncpg.Record] = await conn.fetch(FILTERED["dlq_list"], *filters.params(), limit)
+    return rows
+
+
+async def show_dead_letters(
+    conn: asyncpg.Connection, filters: Filters, limit: int | None = None
+) -> list[asyncpg.Record]:
+    """As `list_dead_letters`, with headers and payload, in original order."""
+    rows: list[asyncpg.Record] = await conn.fetch(FILTERED["dlq_show"], *filters.params(), limit)
+    return rows
+
+
+async def summarize(
+    conn: asyncpg.Connection, filters: Filters, limit: int | None = None
+) -> list[Group]:
+    """The chosen dead letters (the first `limit` that replay or purge would take) by topic
+    and error class, the largest group first."""
+    rows = await conn.fetch(FILTERED["dlq_summary"], *filters.params(), limit)
+    return [
+        Group(r["topic"], r["error_class"], r["dead"], r["held"], r["oldest"], r["newest"])
+        for r in rows
+    ]
+
+
+async def check_chains(
+    conn: asyncpg.Connection, filters: Filters, limit: int | None = None
+) -> None:
+    """Replay's chain rule: a quarantine chain goes back whole, with its head (the poison
+    event, or the held event of lowest seq once that was purged). A selection that holds part
+    of a chain but not its head raises ChainError, which names the command that replays it."""
+    if filters == Filters() and limit is None:
+        return  # every dead letter: every head is in
+    orphan = await conn.fetchrow(FILTERED["dlq_orphans"], *filters.params(), limit)
+    if orphan is None:
+        return
+    more = orphan["keys"] - 1
+    raise ChainError(
+        f"event {orphan['event_id']} is held behind event {orphan['head']} of key "
+        f"{orphan['key']!r}, which this selection leaves out: replay the whole chain with "
+        f"`outbox-relay dlq replay --key {shell_word(orphan['key'])}`"
+        + (f" ({more} more key(s) like it)" if more else "")
+    )
 
 
 async def replay_dead_letters(
-    database_url: str,
-    event_ids: list[uuid.UUID] | None,
-    topic: str | None,
-    key: str | None = None,
-) -> int:
-    """Move the chosen dead letters back into outbox_events in one transaction, with their
-    original id and seq. A quarantine chain goes back whole and in order, and its key is
-    released in the same transaction. An id in the middle of a chain raises ChainError."""
-    async with _connect(database_url) as conn, conn.transaction():
-        if event_ids:
-            tails = await conn.fetch(QUERIES["chain_tails"], event_ids)
-            if tails:
-                tail = tails[0]
-                raise ChainError(
-                    f"event {tail['event_id']} is held behind event {tail['head']} of key "
-                    f"{tail['key']!r}: replay the whole chain with "
-                    f"`outbox-relay dlq replay --key {shlex.quote(tail['key'])}`"
-                )
-        rows = await conn.fetch(QUERIES["take_dead_letters"], event_ids, topic, key)
-        if rows:
-            await conn.execute(
-                QUERIES["requeue_events"],
-                [r["original_seq"] for r in rows],
-                [r["event_id"] for r in rows],
-                [r["topic"] for r in rows],
-                [r["key"] for r in rows],
-                [bucket_for(r["key"], str(r["event_id"])) for r in rows],
-                [r["payload"] for r in rows],
-                [r["headers"] for r in rows],
-                [r["event_type"] for r in rows],
-                [r["created_at"] for r in rows],
+    conn: asyncpg.Connection,
+    filters: Filters,
+    *,
+    limit: int | None = None,
+    batch_size: int = BATCH_SIZE,
+) -> Replayed:
+    """Move the chosen dead letters (the first `limit` of them in dead-letter order) back into
+    outbox_events with their original id and seq, `batch_size` per transaction. Each batch
+    takes the whole quarantine chain of every key it touches, so a chain goes back whole and
+    in one transaction, and its key is released in that transaction. Raises ChainError, before
+    anything moves, if the selection holds part of a chain without its head."""
+    await check_chains(conn, filters, limit)
+    params = filters.params()
+    replayed = transactions = released = picked_so_far = 0
+    after = 0
+    while limit is None or picked_so_far < limit:
+        size = batch_size if limit is None else min(batch_size, limit - picked_so_far)
+        async with conn.transaction():
+            picked = await conn.fetch(FILTERED["dlq_pick"], *params, after, size)
+            if not picked:
+                break
+            moved = await conn.fetchrow(
+                QUERIES["dlq_requeue"],
+                [r["dead_letter_id"] for r in picked],
+                list({r["key"] for r in picked if r["holds_key"]}),
             )
-        return len(rows)
+        after = picked[-1]["dead_letter_id"]
+        picked_so_far += len(picked)
+        replayed += moved["replayed"]
+        released += moved["released"]
+        transactions += 1
+    return Replayed(replayed, transactions, released)
 
 
-async def discard_dead_letters(
-    database_url: str, event_ids: list[uuid.UUID] | None, key: str | None
-) -> int:
-    """Delete dead letters for good; deleting a key's chain lifts its quarantine."""
-    async with _connect(database_url) as conn:
-        return len(await conn.fetch(QUERIES["discard_dead_letters"], event_ids, key))
+async def purge_dead_letters(
+    conn: asyncpg.Connection,
+    filters: Filters,
+    *,
+    limit: int | None = None,
+    batch_size: int = BATCH_SIZE,
+) -> Purged:
+    """Delete the chosen dead letters for good (the first `limit` in dead-letter order),
+    `batch_size` per transaction. Exactly those: deleting the head of a chain leaves the rest
+    of it holding the key, and the key is released once none of its held rows is left."""
+    params = filters.params()
+    purged = transactions = 0
+    after = 0
+    while limit is None or purged < limit:
+        size = batch_size if limit is None else min(batch_size, limit - purged)
+        deleted = await conn.fetch(FILTERED["dlq_purge"], *params, after, size)
+        if not deleted:
+            break
+        after = max(r["dead_letter_id"] for r in deleted)
+        purged += len(deleted)
+        transactions += 1
+    return Purged(purged, transactions)
+
+
+def shell_word(text: str) -> str:
+    """`text` as one shell word that stays on one line: shlex quoting, or bash's $'...' for
+    a text with control characters (a newline in a key would break a one-line message)."""
+    if text.isprintable():
+        return shlex.quote(text)
+    return "$'" + "".join(_ansi_c(ch) for ch in text) + "'"
+
+
+def _ansi_c(ch: str) -> str:
+    if ch.isprintable() and ch not in "\\'":
+        return ch
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x80 else f"\\U{code:08x}"

@@ -256,25 +256,19 @@ RETURNING dead_letter_id;
 -- ix_outbox_dead_letters_quarantine), so that a chain goes back whole; removing the held rows
 -- lifts the quarantine. Then insert them into outbox_events with their original id and seq,
 -- so that a chain keeps its place before later events of its key, and consumers that compare
--- seqs per key stay right. Buckets come from the relay's hash (outbox.validation.bucket_for):
--- $4[i] is the bucket of $3[i], a key or, for a keyless event, its id; a chain's rows share
--- their key, so its bucket. The DELETE locks the chain: a relay parking an event of the key
--- meanwhile waits (FOR SHARE), finds the key no longer held, and leaves the event pending, to
--- be published after the chain. A LEFT JOIN: a row without a bucket fails the insert (NOT
--- NULL) and the batch rolls back, instead of being deleted and lost.
+-- seqs per key stay right. Postgres sets their bucket, as for every insert (migration 0004).
+-- The DELETE locks the chain: a relay parking an event of the key meanwhile waits (FOR SHARE),
+-- finds the key no longer held, and leaves the event pending, to be published after the chain.
 WITH taken AS (
     DELETE FROM outbox_dead_letters AS d
     WHERE d.dead_letter_id = ANY ($1::bigint[])
        OR (d.holds_key AND d.key = ANY ($2::text[]))
     RETURNING d.*
 ), requeued AS (
-    INSERT INTO outbox_events (seq, id, topic, key, bucket, payload, headers, event_type,
-                               created_at)
-    SELECT t.original_seq, t.event_id, t.topic, t.key, b.bucket, t.payload, t.headers,
-           t.event_type, t.created_at
+    INSERT INTO outbox_events (seq, id, topic, key, payload, headers, event_type, created_at)
+    SELECT t.original_seq, t.event_id, t.topic, t.key, t.payload, t.headers, t.event_type,
+           t.created_at
     FROM taken AS t
-    LEFT JOIN unnest($3::text[], $4::smallint[]) AS b(hashed, bucket)
-           ON b.hashed = coalesce(t.key, t.event_id::text)
     RETURNING seq
 )
 SELECT (SELECT count(*) FROM requeued) AS replayed,

@@ -31,8 +31,8 @@ async def test_peak_rss_stays_under_300_mb_with_a_backlog_of_big_events(
     database_url: str, pg: asyncpg.Connection, kind: str
 ) -> None:
     await pg.execute(
-        "INSERT INTO outbox_events (id, topic, key, bucket, payload) "
-        "SELECT gen_random_uuid(), 't', 'k' || (g % 50), g % 64, "
+        "INSERT INTO outbox_events (id, topic, key, payload) "
+        "SELECT gen_random_uuid(), 't', 'k' || (g % 50), "
         f"jsonb_build_object('blob', {PAYLOADS[kind]}) FROM generate_series(1, 600) AS g"
     )
     assert await pg.fetchval("SELECT min(octet_length(payload::text)) FROM outbox_events") > 800_000

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from outbox import MAX_KEY_LENGTH, MAX_TOPIC_LENGTH, OutboxEvent, OutboxValidationError
 from outbox.ids import uuid7
-from outbox.validation import BUCKETS, DEFAULT_MAX_PAYLOAD_BYTES
+from outbox.validation import DEFAULT_MAX_PAYLOAD_BYTES
 
 pytestmark = pytest.mark.unit
 
@@ -51,7 +51,6 @@ def test_legal_events_are_accepted(topic: str, payload: dict[str, Any]) -> None:
     event = OutboxEvent(topic=topic, payload=payload, key="k")
     assert event.topic == topic
     assert event.payload == payload
-    assert 0 <= event.bucket < BUCKETS
 
 
 @given(st.text(min_size=1, max_size=60).filter(lambda t: any(c not in LEGAL for c in t)))
@@ -145,14 +144,6 @@ def test_ids_are_unique_and_time_ordered() -> None:
     assert len(set(ids)) == len(ids)
     assert ids == sorted(ids)
     assert all(i.version == 7 for i in ids)
-
-
-def test_same_key_same_bucket() -> None:
-    a = OutboxEvent(topic="t", payload={}, key="order-42")
-    b = OutboxEvent(topic="u", payload=[], key="order-42")
-    assert a.bucket == b.bucket
-    a.key = "order-43"
-    assert a.bucket == OutboxEvent(topic="t", payload={}, key="order-43").bucket
 
 
 # -- what is published is what was checked (hardening) ----------------------------------------

@@ -2,8 +2,8 @@
 consumer's view of the broker, and the checks. It judges from what the writers know, what the
 broker holds and what the database holds; it does not use the relay's code.
 
-Writers insert with plain asyncpg (the documented raw-SQL path: the bucket is computed with
-`bucket_for`). Each writer owns its keys, so per key the commit order is the order of the
+Writers insert with plain asyncpg (the documented raw-SQL path: Postgres computes the
+bucket). Each writer owns its keys, so per key the commit order is the order of the
 per-key numbers `n` in the payloads. A transaction's outcome is one of:
 
 - committed: COMMIT returned;
@@ -28,7 +28,6 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from outbox.urls import asyncpg_dsn
-from outbox.validation import bucket_for
 
 #: The errors of a connection that broke (a database restart, a terminated backend).
 DB_ERRORS = (
@@ -40,8 +39,8 @@ DB_ERRORS = (
 )
 
 INSERT = (
-    "INSERT INTO outbox_events (id, topic, key, bucket, payload, headers, event_type)"
-    " VALUES ($1, $2, $3, $4, $5::jsonb, '{}'::jsonb, 'Chaos')"
+    "INSERT INTO outbox_events (id, topic, key, payload, headers, event_type)"
+    " VALUES ($1, $2, $3, $4::jsonb, '{}'::jsonb, 'Chaos')"
 )
 
 #: What a writer knows of one event: its key and its per-key number.
@@ -128,9 +127,7 @@ class Writer:
             await tx.start()
             for event_id, (key, n) in batch.items():
                 payload = json.dumps({"k": key, "n": n})
-                await conn.execute(
-                    INSERT, event_id, self._topic, key, bucket_for(key, str(event_id)), payload
-                )
+                await conn.execute(INSERT, event_id, self._topic, key, payload)
         except DB_ERRORS:
             # Nothing was committed: the transaction never reached COMMIT.
             self._ledger.rolled_back.update(batch)
@@ -197,12 +194,12 @@ async def read_redis_stream(redis_url: str, stream: str) -> list[Arrival]:
             entries: list[tuple[bytes, dict[bytes, bytes]]]
             entries = await client.xrange(stream, min=start, count=5000)  # type: ignore[assignment]
             for _, fields in entries:
-                key = fields.get(b"key")
+                key = fields.get(b"outbox-key")  # the plain envelope's fields
                 out.append(
                     Arrival(
-                        uuid.UUID(fields[b"id"].decode()),
+                        uuid.UUID(fields[b"outbox-id"].decode()),
                         key.decode() if key is not None else None,
-                        json.loads(fields[b"payload"]),
+                        json.loads(fields[b"outbox-payload"]),
                     )
                 )
             if len(entries) < 5000:
