@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import re
 import socket
@@ -25,7 +24,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from outbox import OutboxEvent
 from outbox.urls import async_engine, asyncpg_dsn
-from relay.logs import configure_logging
 from relay.metrics import relay_registry
 from relay.relay import Relay
 from relay.retry import RetryPolicy
@@ -117,25 +115,22 @@ async def test_a_timed_poll_that_finds_new_events_counts_missed_wakeups(db: Outb
 
 
 @pytest.mark.unit
-def test_stdlib_records_are_json_lines_with_their_logger_and_redacted(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        configure_logging("json", "info")
-        configure_logging("json", "info")  # reconfiguring does not add a second handler
-        logging.getLogger("aiokafka.conn").error(
-            "Unable connect to %s", "postgresql://u:Sekr3t@db.example/x"
-        )
-        logging.getLogger("aiokafka").debug("below the level")
-    finally:
-        for handler in root.handlers:
-            if handler not in handlers:
-                root.removeHandler(handler)
-        root.setLevel(level)
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1
+def test_stdlib_records_are_json_lines_with_their_logger_and_redacted() -> None:
+    """In a process of its own: configure_logging() sets up structlog for the whole process."""
+    script = (
+        "import logging\n"
+        "from relay.logs import configure_logging\n"
+        "configure_logging('json', 'info')\n"
+        "configure_logging('json', 'info')  # reconfiguring does not add a second handler\n"
+        "logging.getLogger('aiokafka.conn').error("
+        "'Unable connect to %s', 'postgresql://u:Sekr3t@db.example/x')\n"
+        "logging.getLogger('aiokafka').debug('below the level')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, lines
     line = json.loads(lines[0])
     assert line["logger"] == "aiokafka.conn"
     assert line["level"] == "error"
