@@ -62,6 +62,7 @@ def test_redact_masks_the_password_of_any_url_shape() -> None:
 def test_log_lines_are_redacted_too() -> None:
     import io
     import json
+    import logging
 
     import structlog
 
@@ -75,3 +76,6 @@ def test_log_lines_are_redacted_too() -> None:
     structlog.get_logger("t").warning("store_unavailable", error=f"bad port in 'u:{PASSWORD}@h'")
     line = json.loads(stream.getvalue())
     assert [piece for piece in PIECES if piece in json.dumps(line)] == [], line
+    root = logging.getLogger()  # configure_logging's root handler holds this test's stderr
+    for handler in [h for h in root.handlers if getattr(h, "outbox_relay", False)]:
+        root.removeHandler(handler)
