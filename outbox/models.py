@@ -109,6 +109,14 @@ class OutboxEvent(OutboxBase):
             postgresql_where=text("available_at > created_at"),
             sqlite_where=text("available_at > created_at"),
         ),
+        # The lowest seq of the waiting rows in one probe: the claim's floor goes below it
+        # (migration 0006).
+        Index(
+            "ix_outbox_events_waiting_seq",
+            "seq",
+            postgresql_where=text("available_at > created_at"),
+            sqlite_where=text("available_at > created_at"),
+        ),
         # SQLite: never reuse a seq after the table empties (consumers may order by it).
         {"sqlite_autoincrement": True},
     )

@@ -104,6 +104,12 @@ class Settlement:
     #: Keys whose later events must wait: an event of theirs was not delivered.
     gate: KeyGate = field(default_factory=KeyGate)
 
+    def pending(self, batch: Sequence[Envelope]) -> list[int]:
+        """Seqs of the batch left in the outbox as they were (held back, refused with the
+        whole broker): neither delivered, nor retried, nor dead."""
+        done = {*self.delivered, *(r.seq for r in self.retries), *(d.seq for d in self.dead)}
+        return [e.seq for e in batch if e.seq not in done]
+
 
 def sort_results(
     batch: Sequence[Envelope],

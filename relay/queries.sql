@@ -20,6 +20,11 @@
 -- the claim does not slow down with the number of waiting rows or quarantined keys.
 -- "w.available_at > w.created_at" always holds for a waiting row (now() >= created_at); it
 -- matches the partial indexes' predicate.
+-- $5, the floor: the relay knows that no event of its buckets with a lower seq is left to
+-- claim (relay/floor.py), so the scan starts there instead of walking the rows deleted since
+-- the oldest open transaction began. Waiting rows (retries, delays, replayed dead letters) are
+-- the exception: the floor drops below the lowest of them (one probe of
+-- ix_outbox_events_waiting_seq), in the same snapshot as the claim.
 SELECT c.seq, c.id, c.topic, c.key, c.payload, c.headers, c.event_type, c.created_at,
        c.attempts, c.held_behind, c.upto
 FROM (
@@ -38,6 +43,8 @@ FROM (
              OVER (ORDER BY e.seq ROWS UNBOUNDED PRECEDING) AS upto
     FROM outbox_events AS e
     WHERE e.available_at <= now()
+      AND e.seq > least($5::bigint, (SELECT min(f.seq) - 1 FROM outbox_events AS f
+                                     WHERE f.available_at > f.created_at))
       AND e.bucket = ANY (ARRAY(SELECT l.bucket FROM outbox_bucket_leases AS l
                            WHERE l.owner = $1 AND l.lease_until > now()))
       AND e.seq <> ALL ($3::bigint[])
@@ -52,6 +59,20 @@ FROM (
 ) AS c
 WHERE c.upto - c.size < $4
 ORDER BY c.seq;
+
+-- name: horizon_last_seq --
+-- The last seq handed out (migration 0006's SECURITY DEFINER function: no sequence grant).
+SELECT outbox_last_seq();
+
+-- name: horizon_writers --
+-- The transactions holding a lock to write outbox_events: an INSERT takes it before it draws
+-- its seq, so a transaction drew a seq up to a given `outbox_last_seq()` only if it was among
+-- these right after (relay/floor.py).
+SELECT coalesce(array_agg(virtualtransaction), '{}') AS writers
+FROM pg_locks
+WHERE locktype = 'relation' AND relation = 'outbox_events'::regclass
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND mode = 'RowExclusiveLock' AND granted;
 
 -- name: delete_delivered --
 DELETE FROM outbox_events

@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from outbox.envelope import Envelope
+from relay.floor import ClaimFloor
 from relay.metrics import RelayMetrics
 from relay.ordering import KeyGate, PoisonPolicy, Settlement, sort_results
 from relay.retry import CircuitBreaker, PollPacer, RetryPolicy
@@ -265,6 +266,10 @@ class Relay:
         pacer = PollPacer(self.poll_interval)
         polled = False  # whether this claim follows a wait the timer ended
         pipe = _Pipeline()
+        floor = ClaimFloor()  # where claims start (relay/floor.py)
+        clock = asyncio.get_running_loop().time
+        fenced = 0  # stats.fenced_off when the floor last moved
+        held: list[int] = []  # claimed since the last fresh claim, and left in the outbox
         try:
             while not self._stopping.is_set():
                 fresh = pipe.prefetch is None
@@ -273,14 +278,17 @@ class Relay:
                         await pipe.finish_settling()  # a fresh claim sees every settled change
                         pipe.gate.clear()
                         pipe.passed_over.clear()
-                        await self._rebalance_if_due()
+                        if await self._rebalance_if_due():
+                            floor.reset()  # new buckets: their events may lie below it
                         self._wake.clear()
-                        claim = await self.store.claim(self.batch_size)
+                        held.clear()  # a fresh claim sees them again
+                        horizon, after = self.store.horizon(), floor.current(clock())
+                        claim = await self.store.claim(self.batch_size, after=after)
                         if polled:
                             self.metrics.record_missed_wakeups(claim.events)
                             polled = False
                     else:
-                        claim = await pipe.take_prefetch()
+                        horizon, claim = pipe.prefetch_horizon, await pipe.take_prefetch()
                     # Parked events wait behind the gate too: they go to the dead letters in order.
                     batch = [e for e in claim.events if pipe.gate.admits(e)]
                     parked = [d for d in claim.parked if pipe.gate.admits(d)]
@@ -288,8 +296,10 @@ class Relay:
                     if claim.full and not self._stopping.is_set():
                         in_flight = [e.seq for e in batch] + [d.seq for d in parked]
                         exclude = in_flight + pipe.settling_seqs + pipe.passed_over
+                        pipe.prefetch_horizon = self.store.horizon()
+                        after = floor.current(clock())
                         pipe.prefetch = asyncio.create_task(
-                            self.store.claim(self.batch_size, exclude=exclude)
+                            self.store.claim(self.batch_size, exclude=exclude, after=after)
                         )
                     if batch or parked:
                         results = await self._publish(batch) if batch else []
@@ -304,6 +314,7 @@ class Relay:
                             rand=self._rand,
                         )
                         plan.dead.extend(parked)
+                        held += plan.pending(batch)
                         pipe.gate.close_all(plan.gate)
                         await pipe.finish_settling()
                         pipe.settle(batch, parked, self._settle(plan, len(parked)))
@@ -316,9 +327,15 @@ class Relay:
                     if pipe.prefetch is None:
                         await pipe.finish_settling()  # its errors are the store's, handled here
                         self.stats.idle = fresh and not claim
+                    if self.stats.fenced_off > fenced:
+                        floor.reset()  # a lease was lost: what was fenced off is pending
+                        fenced = self.stats.fenced_off
+                    else:
+                        floor.advance(horizon, claim.boundary(horizon), [*held, *pipe.passed_over])
                     store_backoff.record_success()
                 except StoreUnavailableError as exc:
                     await pipe.reset()
+                    floor.reset()
                     self.stats.store_failures += 1
                     await self._notify()
                     pause = store_backoff.record_failure()
@@ -338,12 +355,16 @@ class Relay:
         finally:
             await pipe.reset()
 
-    async def _rebalance_if_due(self) -> None:
+    async def _rebalance_if_due(self) -> bool:
+        """Rebalance the buckets if it is time; True if this relay gained buckets."""
         # Only between batches: a bucket given back must have nothing of it in flight.
         now = asyncio.get_running_loop().time()
-        if now >= self._next_rebalance:
-            self.stats.owned_buckets = await self.store.maintain_leases(rebalance=True)
-            self._next_rebalance = now + self.lease_seconds / 3
+        if now < self._next_rebalance:
+            return False
+        before = self.stats.owned_buckets
+        self.stats.owned_buckets = await self.store.maintain_leases(rebalance=True)
+        self._next_rebalance = now + self.lease_seconds / 3
+        return self.stats.owned_buckets > before
 
     async def _mark_stopped(self) -> None:
         self.stats.stopped = True
@@ -428,6 +449,8 @@ class _Pipeline:
 
     def __init__(self) -> None:
         self.prefetch: asyncio.Task[Claim] | None = None
+        #: The store's horizon when the prefetch was sent (relay/floor.py).
+        self.prefetch_horizon = 0
         self.settling: asyncio.Task[None] | None = None
         self.settling_seqs: list[int] = []
         #: Keys with an undelivered event in a batch published since the last fresh claim.

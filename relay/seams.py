@@ -115,6 +115,16 @@ class Claim:
     def __len__(self) -> int:
         return len(self.events) + len(self.parked)
 
+    def boundary(self, horizon: int) -> int:
+        """The highest seq up to which this claim returned every claimable event: its last
+        seq when it was full (there are more), else everything (`horizon`)."""
+        if not self.full:
+            return horizon
+        return max(
+            max((e.seq for e in self.events), default=0),
+            max(d.seq for d in self.parked) if self.parked else 0,
+        )
+
 
 @dataclass(slots=True)
 class Backlog:
@@ -140,10 +150,15 @@ class Store(Protocol):
     async def stop(self) -> None:
         """Release every lease and close connections."""
 
-    async def claim(self, limit: int, exclude: Sequence[int] = ()) -> Claim:
+    async def claim(self, limit: int, exclude: Sequence[int] = (), after: int = 0) -> Claim:
         """Oldest available events of owned buckets, in sequence order, per-key order kept
         (see relay/ordering.py), leaving out the events whose seq is in `exclude` (they are in
-        flight). Events of a quarantined key come back in `parked`, ready to dead-letter."""
+        flight). Events of a quarantined key come back in `parked`, ready to dead-letter.
+        `after`: the claim's floor (relay/floor.py); only seqs above it, and waiting events."""
+
+    def horizon(self) -> int:
+        """A seq up to which every writer has committed or rolled back (relay/floor.py); 0
+        when unknown (then the claims have no floor)."""
 
     async def mark_delivered(self, seqs: Sequence[int]) -> int: ...
 

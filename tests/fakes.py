@@ -45,8 +45,8 @@ class TrackedSqliteStore(SqliteStore):
         self.stopped = False
         self.claims = 0
 
-    async def claim(self, limit: int, exclude: Sequence[int] = ()) -> Claim:
-        claim = await super().claim(limit, exclude)
+    async def claim(self, limit: int, exclude: Sequence[int] = (), after: int = 0) -> Claim:
+        claim = await super().claim(limit, exclude, after)
         self.claims += 1
         return claim
 

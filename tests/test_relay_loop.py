@@ -442,8 +442,8 @@ class PrefetchGate(TrackedSqliteStore):
         super().__init__(db.url, clock=db.clock)
         self.prefetched = asyncio.Event()
 
-    async def claim(self, limit: int, exclude: Sequence[int] = ()) -> Claim:
-        claim = await super().claim(limit, exclude)
+    async def claim(self, limit: int, exclude: Sequence[int] = (), after: int = 0) -> Claim:
+        claim = await super().claim(limit, exclude, after)
         if self.claims >= 2:
             self.prefetched.set()
         return claim

@@ -227,6 +227,7 @@ async def test_claim_is_an_index_scan_whatever_waits(database_url: str, waiting:
                 500,
                 list(range(501)),
                 2**24,
+                0,
             )
         )
     finally:
@@ -238,6 +239,8 @@ async def test_claim_is_an_index_scan_whatever_waits(database_url: str, waiting:
     # The per-key probes go to the partial indexes, once per row at most.
     assert "ix_outbox_events_waiting_key on outbox_events w_1" in plan, plan
     assert "ix_outbox_dead_letters_quarantine on outbox_dead_letters q" in plan, plan
+    # The floor's "lowest waiting seq": one probe of its own partial index.
+    assert "ix_outbox_events_waiting_seq on outbox_events f" in plan, plan
 
 
 def outbox_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

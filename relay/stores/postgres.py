@@ -16,6 +16,7 @@ import structlog
 from outbox.envelope import Envelope
 from outbox.urls import asyncpg_dsn, redact
 from outbox.validation import BUCKETS
+from relay.floor import Horizon
 from relay.seams import Backlog, Claim, Dead, Retry, StoreUnavailableError, park
 from relay.sql import QUERIES
 
@@ -97,6 +98,10 @@ class PostgresStore:
         self._relay_id = ""
         self._wake: Callable[[], None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        #: The claim floor's horizon (relay/floor.py), sampled every `horizon_interval`.
+        self._horizon = Horizon()
+        self.horizon_interval = 0.5
+        self._sampler: asyncio.Task[None] | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -121,12 +126,15 @@ class PostgresStore:
             )
         except CONNECTION_ERRORS as exc:
             raise StoreUnavailableError(f"{self._safe_url}: {exc}") from exc
+        self._sampler = asyncio.create_task(self._sample_horizon(), name="outbox-horizon")
 
     async def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        for task in (self._listener, self._sampler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._listener = self._sampler = None
         if self._pool is None:
             return
         try:
@@ -144,11 +152,34 @@ class PostgresStore:
             raise StoreUnavailableError(str(exc)) from exc
         return result
 
-    async def claim(self, limit: int, exclude: Sequence[int] = ()) -> Claim:
+    def horizon(self) -> int:
+        return self._horizon.safe
+
+    async def _sample_horizon(self) -> None:
+        """Feed `Horizon` (relay/floor.py): the last seq handed out, then who holds the write
+        lock, in that order, every `horizon_interval` seconds."""
+        while True:
+            try:
+                last_seq = await self.pool.fetchval(QUERIES["horizon_last_seq"])
+                writers = await self.pool.fetchval(QUERIES["horizon_writers"])
+                self._horizon.observe(last_seq, writers)
+            except asyncpg.UndefinedFunctionError:
+                log.warning("claim_floor_off", reason="migration 0006 is missing")
+                return
+            except CONNECTION_ERRORS:
+                self._horizon.reset()
+            await asyncio.sleep(self.horizon_interval)
+
+    async def claim(self, limit: int, exclude: Sequence[int] = (), after: int = 0) -> Claim:
         try:
             capped = min(limit, self._row_cap)
             rows = await self.pool.fetch(
-                QUERIES["claim_batch"], self._relay_id, capped, exclude, self.max_batch_bytes
+                QUERIES["claim_batch"],
+                self._relay_id,
+                capped,
+                exclude,
+                self.max_batch_bytes,
+                after,
             )
         except CONNECTION_ERRORS as exc:
             raise StoreUnavailableError(str(exc)) from exc

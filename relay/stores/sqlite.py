@@ -264,7 +264,12 @@ class SqliteStore:
                 raise
             await conn.execute("COMMIT")
 
-    async def claim(self, limit: int, exclude: Sequence[int] = ()) -> Claim:
+    def horizon(self) -> int:
+        """No claim floor here: 0 (relay/floor.py is for Postgres's undeletable dead rows)."""
+        return 0
+
+    async def claim(self, limit: int, exclude: Sequence[int] = (), after: int = 0) -> Claim:
+        # `after` is always 0 (horizon() is 0): no floor to apply.
         # Fetch enough to make up for the in-flight rows, then leave those out here.
         params = {"now": db_time(self._clock()), "limit": limit + len(exclude)}
         async with self._guard() as conn:

@@ -1,0 +1,49 @@
+"""What the claim needs to start past the rows it has already deleted.
+
+An open transaction anywhere in the database (a report, a session idle in transaction) keeps
+Postgres from cleaning up the rows the relays delete, and a claim that starts at the head of
+the primary key walks all of them: the drain slowed down as 1/N. The relay now gives the claim
+a floor, a seq below which nothing is left to claim. Two things make the floor safe:
+
+- `outbox_last_seq()`: the last seq handed out. With the writers seen in pg_locks it tells
+  which seqs can no longer appear (relay/stores/postgres.py, `Horizon`). SECURITY DEFINER, so
+  that a relay role needs no privilege on the sequence.
+- `ix_outbox_events_waiting_seq`: the lowest seq of the waiting rows (retries, delayed events,
+  replayed dead letters), in one probe, so that the claim lowers its floor below them.
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-11-30
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0006"
+down_revision: str | None = "0005"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+LAST_SEQ_FUNCTION = """
+CREATE OR REPLACE FUNCTION outbox_last_seq() RETURNS bigint
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('outbox_events', 'seq')), 0)
+$$
+"""
+
+
+def upgrade() -> None:
+    op.execute(LAST_SEQ_FUNCTION)
+    op.create_index(
+        "ix_outbox_events_waiting_seq",
+        "outbox_events",
+        ["seq"],
+        postgresql_where=sa.text("available_at > created_at"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("ix_outbox_events_waiting_seq", table_name="outbox_events")
+    op.execute("DROP FUNCTION IF EXISTS outbox_last_seq()")
