@@ -34,6 +34,7 @@ RUNNERS: dict[str, Runner] = {
     "metrics": workloads.metrics_cost,
     "longtx": workloads.long_transaction,
     "notify": notify_cost.notify_cost,
+    "envelope": workloads.envelope_cost,
 }
 
 

@@ -141,7 +141,7 @@ class BrokerOps:
                     await admin.close()
 
     async def check_stream_order(self, stream: str) -> OrderCheck:
-        """Read a whole stream in order and check per-key order of the `seq` field."""
+        """Read a whole stream in order and check per-key order of the `outbox-seq` field."""
         check = OrderCheck()
         client = self.redis()
         try:
@@ -149,7 +149,7 @@ class BrokerOps:
             while True:
                 entries = cast(list[Any], await client.xrange(stream, min=start, count=10_000))
                 for _, fields in entries:
-                    check.feed(fields.get(b"key"), int(fields[b"seq"]))
+                    check.feed(fields.get(b"outbox-key"), int(fields[b"outbox-seq"]))
                 if len(entries) < 10_000:
                     return check
                 start = "(" + entries[-1][0].decode()
@@ -203,8 +203,8 @@ class Receiver:
                         found = bench_id_of(*fields.values())
                         if found is not None:
                             self.receipts.setdefault(found, now)
-                        if b"seq" in fields:
-                            self.order.feed(fields.get(b"key"), int(fields[b"seq"]))
+                        if b"outbox-seq" in fields:  # plain envelope (not FastStream's)
+                            self.order.feed(fields.get(b"outbox-key"), int(fields[b"outbox-seq"]))
         finally:
             await client.aclose()
 

@@ -17,6 +17,7 @@ WORKLOADS = (
     "metrics",
     "longtx",
     "notify",
+    "envelope",
 )
 
 
@@ -71,6 +72,9 @@ class BenchConfig:
     notify_writers: int = 64
     notify_seconds: float = 5.0
     notify_rounds: int = 2
+    #: The cost of each envelope mode: drains of this many events per mode, A B B A.
+    envelope_events: int = 50_000
+    envelope_rounds: int = 2
     #: Seconds one drain may take before it is reported as timed out.
     drain_timeout: float = 600.0
 
@@ -110,6 +114,8 @@ def quick(out: Path) -> BenchConfig:
         notify_writers=8,
         notify_seconds=1.0,
         notify_rounds=1,
+        envelope_events=2_000,
+        envelope_rounds=1,
         drain_timeout=60.0,
     )
 
@@ -149,6 +155,8 @@ class Targets:
     long_txn_ratio: float = 0.7
     #: Writers with the default NOTIFY vs `outbox.notify = off`: throughput (1 - 0.10).
     notify_ratio: float = 0.9
+    #: Drain in each envelope mode vs plain (1 - 0.10).
+    envelope_ratio: float = 0.9
 
 
 TARGETS = Targets()

@@ -212,6 +212,27 @@ def evaluate_targets(results: Result) -> list[Result]:
         else:
             out.append(_target(name, "-", None))
     for broker in ("kafka", "redis"):
+        modes = {r["system"]: r for r in _ok(results.get("envelope", [])) if r["broker"] == broker}
+        plain = modes.pop("outbox, envelope plain", None)
+        for system, row in modes.items():
+            name = (
+                f"{system.removeprefix('outbox, ')}: drain >= {t.envelope_ratio}x plain, {broker}"
+            )
+            if plain is None:
+                out.append(_target(name, "-", None))
+                continue
+            ratio = row["events_per_s"] / plain["events_per_s"]
+            out.append(
+                _target(
+                    name,
+                    f"{ratio:.2f}x ({row['events_per_s']:,.0f} vs "
+                    f"{plain['events_per_s']:,.0f} ev/s at {row['events']:,})",
+                    ratio >= t.envelope_ratio,
+                    f"CPU per 10k events: {row['cpu_s_per_10k']} vs {plain['cpu_s_per_10k']} s; "
+                    f"runs {row.get('runs_events_per_s')} vs {plain.get('runs_events_per_s')}",
+                )
+            )
+    for broker in ("kafka", "redis"):
         rows = [r for r in _ok(results.get("longtx", [])) if r["broker"] == broker]
         name = (
             f"snapshot held open: last tenth of the drain >= {t.long_txn_ratio}x the first, "

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import psutil
@@ -30,6 +30,7 @@ from bench.config import BenchConfig
 from bench.infra import Databases, Services, is_empty, poll, table_stats
 from bench.procs import Proc, module_argv, relay_argv
 from bench.seed import seed_faststream, seed_outbox, seed_waiting
+from outbox.envelope import MODES, EnvelopeMode
 from outbox.urls import asyncpg_dsn
 from relay.factory import build_relay
 from relay.metrics import RelayMetrics, serve_metrics
@@ -309,6 +310,27 @@ async def metrics_cost(ctx: Context) -> list[Result]:
     return out
 
 
+async def envelope_cost(ctx: Context) -> list[Result]:
+    """The drain in each envelope mode, in A B B A order per broker; the median run of each
+    mode is reported (the target: each within 10 % of plain)."""
+    cfg = ctx.config
+    out: list[Result] = []
+    for broker in cfg.brokers:
+        runs: dict[str, list[Result]] = {mode: [] for mode in MODES}
+        for mode in abba(MODES, cfg.envelope_rounds):
+            base = {
+                "system": f"outbox, envelope {mode}",
+                "broker": broker,
+                "events": cfg.envelope_events,
+            }
+            run = functools.partial(
+                _drain_outbox, ctx, broker, cfg.envelope_events, envelope=cast(EnvelopeMode, mode)
+            )
+            runs[mode].append(await guarded(ctx, f"drain {base['system']} {broker}", run, base))
+        out += [median_run(r) for r in runs.values()]
+    return out
+
+
 def median_run(runs: list[Result]) -> Result:
     """The run with the median rate, with every run's rate beside it."""
     ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["events_per_s"])
@@ -330,10 +352,16 @@ async def _seeded(
 
 
 async def _drain_outbox(
-    ctx: Context, broker: Broker, size: int, waiting: int = 0, metrics: str = "on"
+    ctx: Context,
+    broker: Broker,
+    size: int,
+    waiting: int = 0,
+    metrics: str = "on",
+    envelope: EnvelopeMode = "plain",
 ) -> Result:
     """`metrics`: "on" (kept, not scraped: the default relay), "off" (recording replaced by
-    no-ops) or "scraped" (also served over HTTP and scraped every second)."""
+    no-ops) or "scraped" (also served over HTTP and scraped every second). `envelope`: the
+    relay's envelope mode."""
     async with ctx.dbs.fresh() as url:
         topic, seed_seconds = await _seeded(ctx, url, broker, size, f"drain-{broker}")
         if waiting:
@@ -348,6 +376,7 @@ async def _drain_outbox(
                     kafka_bootstrap=ctx.services.kafka_bootstrap,
                     redis_url=ctx.services.redis_url,
                     relay_id="bench-drain",
+                    envelope=envelope,
                 )
             )
             async with asyncio.timeout(ctx.config.drain_timeout), metrics_mode(relay, metrics):

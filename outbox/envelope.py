@@ -1,24 +1,86 @@
-"""The envelope: what the relay publishes, and how it maps onto Kafka records and Redis fields.
+"""The envelope: what the relay publishes, and how it maps onto Kafka records and Redis stream
+entries in each envelope mode (docs/consumers.md has the tables and a consumer per stack).
 
-Consumers can use `Envelope.from_kafka` / `Envelope.from_redis` to read what the relay wrote.
+- `plain` (the default): the value is the payload; the metadata rides in `outbox-*` headers
+  and `content-type`.
+- `faststream`: the framing FastStream itself writes (`content-type`, `message_id`,
+  `correlation_id` headers; on Redis one `__data__` field in FastStream's binary message
+  format), so that a typed FastStream subscriber reads the payload as its body.
+- `cloudevents-binary`: CloudEvents 1.0, Kafka protocol binding, binary content mode: `ce_*`
+  headers, the payload as the value.
+- `cloudevents-structured`: the value is the event as `application/cloudevents+json`.
+
+A Redis stream entry has the Kafka record's headers as its fields, with the same names, plus
+the value (`outbox-payload` in plain mode, `data` in the CloudEvents modes) and, in plain mode,
+the key (`outbox-key`); in faststream mode it is FastStream's one `__data__` field. Every mode
+passes the application's headers on, except names the mode writes itself: the relay's win.
+
+`Encoder` runs in the relay's hot path, once per event: bytes and string work only. Consumers
+read every mode back with `Envelope.from_kafka`, `Envelope.from_redis` and
+`Envelope.from_redis_message` (pub/sub).
 """
 
 from __future__ import annotations
 
 import json
+import struct
+import typing
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from json.encoder import encode_basestring  # in C; keeps non-ASCII text as it is
+from typing import Any, Literal
 
-#: Kafka header names / Redis field names the relay sets besides the user's headers.
+#: The envelope modes (the relay's `envelope` setting).
+EnvelopeMode = Literal["plain", "faststream", "cloudevents-binary", "cloudevents-structured"]
+MODES: tuple[EnvelopeMode, ...] = typing.get_args(EnvelopeMode)
+
+#: Header names (Redis field names) of the plain mode, besides the application's headers.
 HEADER_ID = "outbox-id"
 HEADER_SEQ = "outbox-seq"
 HEADER_EVENT_TYPE = "outbox-event-type"
 HEADER_CREATED_AT = "outbox-created-at"
+#: Redis only: what Kafka carries as the record's key and value.
+FIELD_KEY = "outbox-key"
+FIELD_PAYLOAD = "outbox-payload"
 #: The prefix of the relay's own header names: applications may not use it.
 RESERVED_PREFIX = "outbox-"
+
+CONTENT_TYPE = "content-type"
+JSON_TYPE = "application/json"
+CLOUDEVENTS_JSON = "application/cloudevents+json"
+
+#: FastStream's header names, and its Redis stream field.
+FASTSTREAM_MESSAGE_ID = "message_id"
+FASTSTREAM_CORRELATION_ID = "correlation_id"
+FASTSTREAM_DATA = "__data__"
+#: FastStream's binary message format, version 1: this prefix, the version (u16), the offsets
+#: of the header count and of the data (u32), the header count (u16), then per header its
+#: name and its value, each as a u16 length and UTF-8 bytes, then the data. Big-endian.
+FASTSTREAM_MAGIC = b"\x89BIN\r\n\x1a\n"
+
+#: CloudEvents: the Kafka binding's attribute prefix, the version, the relay's extension.
+CE_PREFIX = "ce_"
+CE_SPECVERSION = "1.0"
+CE_SEQ = "outboxseq"
+#: The application's headers that also become extension attributes (they stay headers).
+CE_EXTENSIONS = {
+    "correlation_id": "correlationid",
+    "traceparent": "traceparent",
+    "tracestate": "tracestate",
+}
+#: The Redis field with the data (binary mode) or the whole event (structured mode).
+CE_DATA_FIELD = "data"
+
+#: The CloudEvents `source` when none is given.
+DEFAULT_SOURCE = "/outbox"
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+_U16 = struct.Struct(">H")
+_FASTSTREAM_HEAD = struct.Struct(">8sHIIH")
+_FASTSTREAM_HEADERS_AT = 18  # the magic, the version and the two offsets come first
 
 
 @dataclass(slots=True)
@@ -42,69 +104,438 @@ class Envelope:
         return json.loads(self.payload)
 
     def kafka_headers(self) -> list[tuple[str, bytes]]:
-        out = [(HEADER_ID, str(self.id).encode()), (HEADER_SEQ, str(self.seq).encode())]
-        if self.event_type is not None:
-            out.append((HEADER_EVENT_TYPE, self.event_type.encode()))
-        if self.created_at is not None:
-            out.append((HEADER_CREATED_AT, self.created_at.isoformat().encode()))
-        # A relay header name in the row (written by raw SQL) never shadows the relay's own.
-        out.extend(
-            (name, value.encode())
-            for name, value in self.headers.items()
-            if not name.startswith(RESERVED_PREFIX)
-        )
-        return out
+        """The Kafka headers of the plain mode."""
+        return _PLAIN.headers(self)
 
-    def redis_fields(self) -> dict[str, bytes | str]:
-        fields: dict[str, bytes | str] = {"id": str(self.id), "seq": str(self.seq)}
-        if self.key is not None:
-            fields["key"] = self.key
-        if self.event_type is not None:
-            fields["type"] = self.event_type
-        if self.created_at is not None:
-            fields["created_at"] = self.created_at.isoformat()
-        if self.headers:
-            fields["headers"] = json.dumps(self.headers, separators=(",", ":"))
-        fields["payload"] = self.payload
-        return fields
+    def redis_fields(self) -> dict[str, bytes]:
+        """The Redis stream fields of the plain mode."""
+        flat = _PLAIN.stream(self)
+        return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
 
     @classmethod
     def from_kafka(
         cls,
         topic: str,
         key: bytes | None,
-        value: bytes,
-        headers: Sequence[tuple[str, bytes]],
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes | None]],
     ) -> Envelope:
+        """The event of a record the relay wrote, in any envelope mode. ValueError if the
+        record is none of them. A header name given twice: the first (the relay's) wins."""
         meta: dict[str, str] = {}
         for name, raw in headers:
-            meta.setdefault(name, raw.decode())  # the first one, the relay's, wins
-        created = meta.pop(HEADER_CREATED_AT, None)
-        return cls(
-            seq=int(meta.pop(HEADER_SEQ)),
-            id=uuid.UUID(meta.pop(HEADER_ID)),
-            topic=topic,
-            key=key.decode() if key is not None else None,
-            payload=value,
-            event_type=meta.pop(HEADER_EVENT_TYPE, None),
-            created_at=datetime.fromisoformat(created) if created else None,
-            headers=meta,
-        )
+            meta.setdefault(name, raw.decode() if raw is not None else "")
+        return _decode(topic, key.decode() if key is not None else None, value or b"", meta)
 
     @classmethod
-    def from_redis(cls, stream: str, fields: Mapping[bytes, bytes]) -> Envelope:
-        text = {k.decode(): v for k, v in fields.items()}
-        created = text.get("created_at")
-        headers = text.get("headers")
-        key = text.get("key")
-        event_type = text.get("type")
-        return cls(
-            seq=int(text["seq"]),
-            id=uuid.UUID(text["id"].decode()),
-            topic=stream,
-            key=key.decode() if key is not None else None,
-            payload=text["payload"],
-            headers=json.loads(headers) if headers is not None else {},
-            event_type=event_type.decode() if event_type is not None else None,
-            created_at=datetime.fromisoformat(created.decode()) if created else None,
+    def from_redis(cls, stream: str, fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Envelope:
+        """The event of a stream entry the relay wrote, in any envelope mode, and in the plain
+        fields of earlier versions (`id`, `seq`, `key`, `type`, `created_at`, `headers`,
+        `payload`). Takes bytes (redis-py's default) or str (`decode_responses=True`)."""
+        raw = {
+            (name.decode() if isinstance(name, bytes) else name): (
+                value if isinstance(value, bytes) else value.encode()
+            )
+            for name, value in fields.items()
+        }
+        if FASTSTREAM_DATA in raw:
+            return _from_faststream(stream, raw[FASTSTREAM_DATA])
+        if CONTENT_TYPE not in raw:  # every mode writes one, but the fields of before
+            return _from_old_fields(stream, raw)
+        value = raw.pop(FIELD_PAYLOAD, None)
+        if value is None:
+            value = raw.pop(CE_DATA_FIELD, b"")
+        meta = {name: text.decode() for name, text in raw.items()}
+        return _decode(stream, None, value, meta, key_from_subject=True)
+
+    @classmethod
+    def from_redis_message(cls, channel: str, message: bytes | str) -> Envelope:
+        """The event of a pub/sub message the relay published, in any envelope mode."""
+        data = message.encode() if isinstance(message, str) else message
+        if data.startswith(FASTSTREAM_MAGIC):
+            return _from_faststream(channel, data)
+        document = json.loads(data)
+        if isinstance(document.get("headers"), dict) and "data" in document:  # FastStream's JSON
+            return _from_faststream(channel, data)
+        return cls.from_redis(channel, document)
+
+
+def kafka_timestamp(event: Envelope) -> int | None:
+    """The record's timestamp: `created_at` in milliseconds since the epoch (exact)."""
+    created = event.created_at
+    return None if created is None else (created - _EPOCH) // _MS
+
+
+async def faststream_parser(message: Any, parse: Callable[[Any], Awaitable[Any]]) -> Any:
+    """A FastStream `parser=` that takes `message_id` from the `message_id` header.
+
+    FastStream's Kafka parser makes it "offset-timestamp" whatever the headers say (the same
+    for records of two partitions); its Redis parser reads the header already. Pass it to the
+    broker (`KafkaBroker(..., parser=faststream_parser)`) or to a subscriber."""
+    parsed = await parse(message)
+    parsed.message_id = parsed.headers.get(FASTSTREAM_MESSAGE_ID, parsed.message_id)
+    return parsed
+
+
+# -- encoding: the relay's side ----------------------------------------------------------------
+
+
+_JSON_HEADER = (CONTENT_TYPE, JSON_TYPE.encode())
+
+
+class _Framing:
+    """One envelope mode: an event's Kafka headers and value, its Redis stream fields and its
+    pub/sub message."""
+
+    #: Header names (lower case) the mode writes itself: the application's are not passed on.
+    taken: frozenset[str] = frozenset({CONTENT_TYPE})
+    #: Prefixes (lower case) that the application's header names may not have.
+    reserved: tuple[str, ...] = (RESERVED_PREFIX,)
+    #: Redis fields of the value, and of the key (None: the key is in the headers already).
+    value_field = FIELD_PAYLOAD.encode()
+    key_field: bytes | None = None
+
+    def __init__(self, source: str = DEFAULT_SOURCE) -> None:
+        self.source = source
+
+    def headers(self, event: Envelope) -> list[tuple[str, bytes]]:
+        raise NotImplementedError
+
+    def value(self, event: Envelope) -> bytes:
+        return event.payload
+
+    def user_headers(self, headers: Mapping[str, str]) -> list[tuple[str, bytes]]:
+        taken, reserved = self.taken, self.reserved
+        return [
+            (name, value.encode())
+            for name, value in headers.items()
+            if (low := name.lower()) not in taken and not low.startswith(reserved)
+        ]
+
+    def stream(self, event: Envelope) -> list[bytes]:
+        flat: list[bytes] = []
+        for name, value in self.headers(event):
+            flat += (name.encode(), value)
+        if self.key_field is not None and event.key is not None:
+            flat += (self.key_field, event.key.encode())
+        flat += (self.value_field, self.value(event))
+        return flat
+
+    def pubsub(self, event: Envelope) -> bytes:
+        """The stream entry's fields as one JSON object of strings."""
+        flat = self.stream(event)
+        document = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+        return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class _Plain(_Framing):
+    key_field = FIELD_KEY.encode()
+
+    def headers(self, event: Envelope) -> list[tuple[str, bytes]]:
+        out = [(HEADER_ID, str(event.id).encode()), (HEADER_SEQ, b"%d" % event.seq), _JSON_HEADER]
+        if event.event_type is not None:
+            out.append((HEADER_EVENT_TYPE, event.event_type.encode()))
+        if event.created_at is not None:
+            out.append((HEADER_CREATED_AT, event.created_at.isoformat().encode()))
+        if event.headers:
+            out += self.user_headers(event.headers)
+        return out
+
+
+class _FastStream(_Framing):
+    taken = frozenset({CONTENT_TYPE, FASTSTREAM_MESSAGE_ID, FASTSTREAM_CORRELATION_ID})
+
+    def headers(self, event: Envelope) -> list[tuple[str, bytes]]:
+        event_id = str(event.id).encode()
+        given = event.headers.get(FASTSTREAM_CORRELATION_ID) if event.headers else None
+        out = [
+            _JSON_HEADER,
+            (FASTSTREAM_MESSAGE_ID, event_id),
+            (FASTSTREAM_CORRELATION_ID, given.encode() if given else event_id),
+            (HEADER_SEQ, b"%d" % event.seq),
+        ]
+        if event.event_type is not None:
+            out.append((HEADER_EVENT_TYPE, event.event_type.encode()))
+        if event.created_at is not None:
+            out.append((HEADER_CREATED_AT, event.created_at.isoformat().encode()))
+        if event.headers:
+            out += self.user_headers(event.headers)
+        return out
+
+    def message(self, event: Envelope) -> bytes:
+        """FastStream's binary message: the headers (and `outbox-key`) and the payload."""
+        headers = self.headers(event)
+        if event.key is not None:
+            headers.append((FIELD_KEY, event.key.encode()))
+        parts: list[bytes] = []
+        pack = _U16.pack
+        for name, value in headers:
+            encoded = name.encode()
+            if len(value) > 0xFFFF or len(encoded) > 0xFFFF:
+                return _faststream_json(headers, event.payload)  # too long for the format
+            parts += (pack(len(encoded)), encoded, pack(len(value)), value)
+        blob = b"".join(parts)
+        data_at = _FASTSTREAM_HEADERS_AT + 2 + len(blob)
+        head = _FASTSTREAM_HEAD.pack(
+            FASTSTREAM_MAGIC, 1, _FASTSTREAM_HEADERS_AT, data_at, len(headers)
         )
+        return b"".join((head, blob, event.payload))
+
+    def stream(self, event: Envelope) -> list[bytes]:
+        return [FASTSTREAM_DATA.encode(), self.message(event)]
+
+    def pubsub(self, event: Envelope) -> bytes:
+        return self.message(event)
+
+
+def _faststream_json(headers: list[tuple[str, bytes]], payload: bytes) -> bytes:
+    """FastStream's JSON message format (it reads both): no length limit on a header."""
+    document = {
+        "data": payload.decode(),
+        "headers": {name: value.decode() for name, value in headers},
+    }
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class _CloudEventsBinary(_Framing):
+    taken = frozenset({CONTENT_TYPE, CE_DATA_FIELD})
+    reserved = (RESERVED_PREFIX, CE_PREFIX)
+    value_field = CE_DATA_FIELD.encode()
+
+    def __init__(self, source: str = DEFAULT_SOURCE) -> None:
+        super().__init__(source)
+        self._constant = [
+            (CE_PREFIX + "specversion", CE_SPECVERSION.encode()),
+            (CE_PREFIX + "source", source.encode()),
+            _JSON_HEADER,  # the binding's datacontenttype
+        ]
+
+    def headers(self, event: Envelope) -> list[tuple[str, bytes]]:
+        out = [
+            ("ce_id", str(event.id).encode()),
+            *self._constant,
+            ("ce_type", (event.event_type or event.topic).encode()),
+            ("ce_outboxseq", b"%d" % event.seq),
+        ]
+        if event.created_at is not None:
+            out.append(("ce_time", event.created_at.isoformat().encode()))
+        if event.key is not None:
+            out.append(("ce_subject", event.key.encode()))
+        if event.headers:
+            for header, attribute in CE_EXTENSIONS.items():
+                value = event.headers.get(header)
+                if value:
+                    out.append((CE_PREFIX + attribute, value.encode()))
+            out += self.user_headers(event.headers)
+        return out
+
+
+class _CloudEventsStructured(_Framing):
+    taken = frozenset({CONTENT_TYPE, CE_DATA_FIELD})
+    reserved = (RESERVED_PREFIX, CE_PREFIX)
+    value_field = CE_DATA_FIELD.encode()
+
+    def __init__(self, source: str = DEFAULT_SOURCE) -> None:
+        super().__init__(source)
+        self._header = [(CONTENT_TYPE, CLOUDEVENTS_JSON.encode())]
+        self._start = (
+            '{"specversion":"1.0","source":'
+            + encode_basestring(source)
+            + ',"datacontenttype":"application/json","id":"'
+        ).encode()
+
+    def headers(self, event: Envelope) -> list[tuple[str, bytes]]:
+        if event.headers:
+            return self._header + self.user_headers(event.headers)
+        return self._header
+
+    def value(self, event: Envelope) -> bytes:
+        """The event as JSON, built around the payload's own text (never parsed)."""
+        parts = [
+            str(event.id),
+            '","type":',
+            encode_basestring(event.event_type or event.topic),
+            ',"outboxseq":"',
+            str(event.seq),
+            '"',
+        ]
+        if event.created_at is not None:
+            parts += (',"time":"', event.created_at.isoformat(), '"')
+        if event.key is not None:
+            parts += (',"subject":', encode_basestring(event.key))
+        if event.headers:
+            for header, attribute in CE_EXTENSIONS.items():
+                value = event.headers.get(header)
+                if value:
+                    parts += (',"', attribute, '":', encode_basestring(value))
+        parts.append(',"data":')
+        return b"".join((self._start, "".join(parts).encode(), event.payload, b"}"))
+
+
+_FRAMINGS: dict[EnvelopeMode, type[_Framing]] = {
+    "plain": _Plain,
+    "faststream": _FastStream,
+    "cloudevents-binary": _CloudEventsBinary,
+    "cloudevents-structured": _CloudEventsStructured,
+}
+_PLAIN = _Plain()
+
+
+class Encoder:
+    """What the relay publishes for each event: in the envelope mode of its topic (`topics`,
+    by the event's topic, without the relay's topic prefix), else in `mode`. `source` is the
+    CloudEvents source."""
+
+    def __init__(
+        self,
+        mode: EnvelopeMode = "plain",
+        topics: Mapping[str, EnvelopeMode] | None = None,
+        source: str = DEFAULT_SOURCE,
+    ) -> None:
+        self.mode = mode
+        self.source = source
+        self._default = _FRAMINGS[mode](source)
+        self._topics = {topic: _FRAMINGS[m](source) for topic, m in (topics or {}).items()}
+
+    def _framing(self, topic: str) -> _Framing:
+        if self._topics:
+            return self._topics.get(topic, self._default)
+        return self._default
+
+    def kafka(self, event: Envelope) -> tuple[bytes, list[tuple[str, bytes]]]:
+        """The record's value and headers (its timestamp: `kafka_timestamp`)."""
+        framing = self._framing(event.topic)
+        return framing.value(event), framing.headers(event)
+
+    def stream_fields(self, event: Envelope) -> list[bytes]:
+        """The stream entry's fields and values, flat, for XADD."""
+        return self._framing(event.topic).stream(event)
+
+    def pubsub_message(self, event: Envelope) -> bytes:
+        return self._framing(event.topic).pubsub(event)
+
+
+# -- decoding: the consumers' side -------------------------------------------------------------
+
+
+def _created(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
+
+
+def _decode(
+    topic: str,
+    key: str | None,
+    value: bytes,
+    meta: dict[str, str],
+    *,
+    key_from_subject: bool = False,
+) -> Envelope:
+    """The event of a record or entry: `meta` holds its headers (fields), and keeps the
+    application's. `key_from_subject`: the key is the `subject` (Redis, CloudEvents)."""
+    content_type = meta.pop(CONTENT_TYPE, "")
+    if HEADER_ID in meta:
+        return _from_meta(topic, key, value, meta, uuid.UUID(meta.pop(HEADER_ID)))
+    if CE_PREFIX + "specversion" in meta:
+        attributes = {
+            name[len(CE_PREFIX) :]: meta.pop(name)
+            for name in [n for n in meta if n.startswith(CE_PREFIX)]
+        }
+        return _from_cloudevent(topic, key, value, meta, attributes, key_from_subject)
+    if content_type.startswith(CLOUDEVENTS_JSON):
+        document = json.loads(value)
+        payload = json.dumps(document.pop("data", None), ensure_ascii=False).encode()
+        return _from_cloudevent(topic, key, payload, meta, document, key_from_subject)
+    if FASTSTREAM_MESSAGE_ID in meta:
+        event_id = meta.pop(FASTSTREAM_MESSAGE_ID)
+        if meta.get(FASTSTREAM_CORRELATION_ID) == event_id:
+            del meta[FASTSTREAM_CORRELATION_ID]  # the default: not one of the application's
+        return _from_meta(topic, key, value, meta, uuid.UUID(event_id))
+    raise ValueError(
+        f"{topic}: not an event of the outbox relay (no {HEADER_ID}, {FASTSTREAM_MESSAGE_ID} "
+        f"or {CE_PREFIX}specversion header, and not {CLOUDEVENTS_JSON})"
+    )
+
+
+def _from_meta(
+    topic: str, key: str | None, value: bytes, meta: dict[str, str], event_id: uuid.UUID
+) -> Envelope:
+    """Plain and faststream: the relay's `outbox-*` headers; the rest are the application's."""
+    if key is None:
+        key = meta.pop(FIELD_KEY, None)
+    return Envelope(
+        seq=int(meta.pop(HEADER_SEQ)),
+        id=event_id,
+        topic=topic,
+        key=key,
+        payload=value,
+        event_type=meta.pop(HEADER_EVENT_TYPE, None),
+        created_at=_created(meta.pop(HEADER_CREATED_AT, None)),
+        headers=meta,
+    )
+
+
+def _from_cloudevent(
+    topic: str,
+    key: str | None,
+    payload: bytes,
+    headers: dict[str, str],
+    attributes: Mapping[str, Any],
+    key_from_subject: bool,
+) -> Envelope:
+    if key_from_subject and key is None:
+        key = attributes.get("subject")
+    return Envelope(
+        seq=int(attributes[CE_SEQ]),
+        id=uuid.UUID(attributes["id"]),
+        topic=topic,
+        key=key,
+        payload=payload,
+        event_type=attributes.get("type"),
+        created_at=_created(attributes.get("time")),
+        headers=headers,
+    )
+
+
+def parse_faststream_message(message: bytes) -> tuple[bytes, dict[str, str]]:
+    """The data and headers of a FastStream message (binary format, or JSON)."""
+    if not message.startswith(FASTSTREAM_MAGIC):
+        document = json.loads(message)
+        return document["data"].encode(), dict(document["headers"])
+    _, version, headers_at, data_at, count = _FASTSTREAM_HEAD.unpack_from(message)
+    if version != 1:
+        raise ValueError(f"FastStream binary message version {version}: only 1 is known")
+    headers: dict[str, str] = {}
+    at = headers_at + 2
+    for _ in range(count):
+        texts = []
+        for _ in range(2):
+            (size,) = _U16.unpack_from(message, at)
+            texts.append(message[at + 2 : at + 2 + size].decode())
+            at += 2 + size
+        headers[texts[0]] = texts[1]
+    return message[data_at:], headers
+
+
+def _from_faststream(stream: str, message: bytes) -> Envelope:
+    payload, headers = parse_faststream_message(message)
+    return _decode(stream, None, payload, headers)
+
+
+def _from_old_fields(stream: str, raw: Mapping[str, bytes]) -> Envelope:
+    """The plain stream fields of earlier versions."""
+    if not {"id", "seq", "payload"} <= raw.keys():
+        raise ValueError(f"{stream}: not an event of the outbox relay (no content-type field)")
+    created = raw.get("created_at")
+    headers = raw.get("headers")
+    key = raw.get("key")
+    event_type = raw.get("type")
+    return Envelope(
+        seq=int(raw["seq"]),
+        id=uuid.UUID(raw["id"].decode()),
+        topic=stream,
+        key=key.decode() if key is not None else None,
+        payload=raw["payload"],
+        headers=json.loads(headers) if headers is not None else {},
+        event_type=event_type.decode() if event_type is not None else None,
+        created_at=_created(created.decode()) if created else None,
+    )

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 from pydantic import ValidationError
 
+from outbox.envelope import MODES
 from outbox.urls import redact_text, register_password, register_secret
 from relay.logs import configure_logging
 from relay.settings import RelaySettings
@@ -164,6 +165,9 @@ def main() -> None:
 @setting_option("redis_mode", type=click.Choice(["streams", "pubsub"]))
 @setting_option("redis_maxlen", type=int)
 @setting_option("topic_prefix")
+@setting_option("envelope", type=click.Choice(MODES))
+@setting_option("envelope_topics", metavar="TOPIC=MODE,...")
+@setting_option("source")
 @setting_option("jsonl_path")
 @setting_option("batch_size", type=int)
 @setting_option("max_batch_bytes", type=int)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
+from outbox.envelope import Encoder
 from outbox.urls import is_sqlite
 from relay.ordering import PoisonPolicy
 from relay.publishers.stdout import JsonLinesPublisher
@@ -40,6 +41,7 @@ def build_publisher(settings: RelaySettings) -> Publisher:
         return KafkaPublisher(
             settings.kafka_bootstrap,
             topic_prefix=settings.topic_prefix,
+            encoder=build_encoder(settings),
             **kafka_security(settings).producer_options(),
         )
     if settings.broker == "redis":
@@ -50,8 +52,14 @@ def build_publisher(settings: RelaySettings) -> Publisher:
             mode=settings.redis_mode,
             maxlen=settings.redis_maxlen,
             topic_prefix=settings.topic_prefix,
+            encoder=build_encoder(settings),
         )
     return JsonLinesPublisher(settings.jsonl_path)
+
+
+def build_encoder(settings: RelaySettings) -> Encoder:
+    """The envelope of each topic (docs/consumers.md); Kafka and Redis only."""
+    return Encoder(settings.envelope, settings.envelope_topics, settings.event_source())
 
 
 def kafka_security(settings: RelaySettings) -> KafkaSecurity:

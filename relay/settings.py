@@ -3,19 +3,52 @@ a flag of `outbox-relay run`."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
-from typing import Literal
+from pathlib import PurePosixPath
+from typing import Annotated, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from outbox.envelope import DEFAULT_SOURCE, EnvelopeMode
 from outbox.urls import is_postgres, is_sqlite, redact, register_password, register_secret
 
 
 def default_relay_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def default_source(database_url: str) -> str:
+    """`/outbox/<database name>`: the same for every relay of one outbox, so that a duplicate
+    sent by another relay has the same source and id (without host or credentials)."""
+    name = PurePosixPath(unquote(urlsplit(database_url).path)).stem
+    return f"{DEFAULT_SOURCE}/{name}" if name else DEFAULT_SOURCE
+
+
+def parse_topic_modes(value: str) -> dict[str, str]:
+    """`topic=mode,topic=mode`, or a JSON object; the modes are checked by the field's type."""
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON object: {exc.msg} at character {exc.pos}") from None
+        if not isinstance(document, dict):
+            raise ValueError("not a JSON object")
+        return document
+    modes: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        topic, equals, mode = (part.strip() for part in item.partition("="))
+        if not equals or not topic or not mode:
+            raise ValueError(f"{item!r}: expected topic=mode (topic=mode,topic=mode)")
+        if topic in modes:
+            raise ValueError(f"topic {topic!r} is given twice")
+        modes[topic] = mode
+    return modes
 
 
 class RelaySettings(BaseSettings):
@@ -56,6 +89,17 @@ class RelaySettings(BaseSettings):
     )
     redis_maxlen: int | None = Field(None, gt=0, description="approximate MAXLEN per stream")
     topic_prefix: str = Field("", description="prefix added to every topic / stream name")
+    envelope: EnvelopeMode = Field(
+        "plain", description="how events are framed for consumers (docs/consumers.md)"
+    )
+    envelope_topics: Annotated[dict[str, EnvelopeMode], NoDecode] = Field(
+        {},
+        description="envelope per topic, over `envelope`: topic=mode,topic=mode or a JSON "
+        "object (the event's topic, without topic_prefix)",
+    )
+    source: str | None = Field(
+        None, description="CloudEvents `source` (default: /outbox/ and the database's name)"
+    )
     jsonl_path: str | None = Field(None, description="stdout broker: append to this file")
     batch_size: int = Field(500, ge=1, le=10_000, description="events claimed per batch")
     max_batch_bytes: int = Field(
@@ -116,6 +160,24 @@ class RelaySettings(BaseSettings):
             if not os.access(value, os.R_OK):
                 raise ValueError(f"{value}: not readable by this user")
         return value
+
+    @field_validator("envelope_topics", mode="before")
+    @classmethod
+    def _parse_envelope_topics(cls, value: object) -> object:
+        return parse_topic_modes(value) if isinstance(value, str) else value
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str | None) -> str | None:
+        if value is not None and (
+            not value or any(c.isspace() or not c.isprintable() for c in value)
+        ):
+            raise ValueError("must be a non-empty URI reference, without spaces")
+        return value
+
+    def event_source(self) -> str:
+        """The CloudEvents source: `source`, or one derived from the database's name."""
+        return self.source or default_source(self.database_url)
 
     @field_validator("database_url")
     @classmethod

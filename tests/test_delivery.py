@@ -12,7 +12,7 @@ from collections import Counter
 import asyncpg
 import pytest
 
-from outbox import OutboxEvent
+from outbox import Envelope, OutboxEvent
 from relay.publishers.kafka import KafkaPublisher
 from relay.publishers.redis import RedisPublisher
 from relay.retry import CircuitBreaker, RetryPolicy
@@ -393,15 +393,15 @@ async def test_redis_pubsub_is_opt_in_and_delivers_to_live_subscribers(
     events = keyed_events(topic, keys=2, per_key=3)
     await commit_events(database_url, events)
     await pg_relay(database_url, RedisPublisher(redis_url, mode="pubsub")).drain()
-    received: list[dict[str, str]] = []
+    received: list[Envelope] = []
     async with asyncio.timeout(30):
         while len(received) < len(events):
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
             if message is not None:
-                received.append(json.loads(message["data"]))
+                received.append(Envelope.from_redis_message(topic, message["data"]))
     await pubsub.aclose()  # type: ignore[no-untyped-call]
     await client.aclose()
-    assert [m["id"] for m in received] == [str(e.id) for e in events]
-    assert received[0]["key"] == "key-0"
-    assert json.loads(received[0]["payload"]) == {"k": 0, "n": 0}
+    assert [m.id for m in received] == [e.id for e in events]
+    assert received[0].key == "key-0"
+    assert received[0].json() == {"k": 0, "n": 0}
     assert await pg.fetchval("SELECT count(*) FROM outbox_events") == 0

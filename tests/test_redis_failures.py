@@ -207,7 +207,7 @@ class FakeRedis:
 
     def sent_ids(self) -> set[uuid.UUID]:
         return {
-            uuid.UUID(cmd[cmd.index(b"id") + 1].decode())
+            uuid.UUID(cmd[cmd.index(b"outbox-id") + 1].decode())
             for write in self.writes
             for cmd in write
             if cmd[0] == b"XADD"
@@ -268,7 +268,7 @@ class FakeRedis:
         if cmd[1] in self.strings:
             return reply_error(POISON_REPLIES[0])  # in an EXEC array: returned, not raised
         entries = self.streams.setdefault(cmd[1], [])
-        entries.append(uuid.UUID(cmd[cmd.index(b"id") + 1].decode()))
+        entries.append(uuid.UUID(cmd[cmd.index(b"outbox-id") + 1].decode()))
         return b"%d-0" % len(entries)
 
 

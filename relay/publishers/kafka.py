@@ -27,6 +27,9 @@ How it fails (the table of error classes and verdicts is in docs/errors.md, "Kaf
   verify them) raise ConfigurationError: `run` exits 2. Once running, the same errors are an
   outage (BROKER), as for Redis. See relay/publishers/kafka_security.py.
 
+Records are built by the `Encoder` (outbox/envelope.py): value and headers in the envelope mode
+of the event's topic, and the event's `created_at` as the timestamp.
+
 aiokafka's own loggers are rate limited (one line per message template per 30 s).
 """
 
@@ -46,7 +49,7 @@ from aiokafka.partitioner import murmur2
 from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from outbox.envelope import Envelope
+from outbox.envelope import Encoder, Envelope, kafka_timestamp
 from relay.ordering import KeyGate, hold_back_after_failures
 from relay.publishers.kafka_errors import (
     Kind,
@@ -108,10 +111,13 @@ class KafkaPublisher:
         request_timeout_ms: int = 15_000,
         topic_wait_seconds: float = 2.0,
         probe_interval: float = 0.25,
+        encoder: Encoder | None = None,
         **producer_options: Any,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.topic_prefix = topic_prefix
+        #: Each record's value and headers, in its topic's envelope mode.
+        self.encoder = encoder or Encoder()
         self._options: dict[str, Any] = {
             "enable_idempotence": True,
             "acks": "all",
@@ -142,7 +148,7 @@ class KafkaPublisher:
         self._abort_reason: str | None = None
         #: The topics of the batch being published (a producer started meanwhile loads them).
         self._topics_in_use: set[str] = set()
-        #: Records with a payload larger than this are sent alone, acked before what follows.
+        #: Records with a value larger than this are sent alone, acked before what follows.
         self._big_record = int(self._options["max_batch_size"]) // 2
         quiet_aiokafka_logs()
 
@@ -409,6 +415,7 @@ class KafkaPublisher:
             for topic in [t for t, until in one_by_one.items() if until < now]:
                 del one_by_one[topic]
         big = self._big_record
+        encode = self.encoder.kafka
         watchdog = _Watchdog(self, producer, loop.time() + self._ack_timeout)
         timer = loop.call_later(self._probe_interval, watchdog.start)
         try:
@@ -423,8 +430,9 @@ class KafkaPublisher:
                     results[i] = refused[topic]
                     blocked.close(event)
                     continue
+                value, headers = encode(event)
                 if (
-                    len(event.payload) > big
+                    len(value) > big
                     or (alone and i in alone)
                     or (one_by_one and topic in one_by_one)
                     or not deferred_keys.admits(event)
@@ -439,9 +447,10 @@ class KafkaPublisher:
                         count = counts[topic] = await self._partition_count(producer, topic)
                     future = await producer.send(
                         topic,
-                        value=event.payload,
+                        value=value,
                         key=key_bytes,
-                        headers=event.kafka_headers(),
+                        headers=headers,
+                        timestamp_ms=kafka_timestamp(event),
                         partition=self._partitions.partition(key_bytes, count)
                         if key_bytes is not None and count
                         else None,
@@ -578,8 +587,9 @@ class KafkaPublisher:
         """Send one record in a batch of its own; the future of its ack."""
         key = event.key.encode() if event.key is not None else None
         builder = producer.create_batch()
-        headers = event.kafka_headers()
-        if builder.append(timestamp=None, key=key, value=event.payload, headers=headers) is None:
+        value, headers = self.encoder.kafka(event)
+        timestamp = kafka_timestamp(event)
+        if builder.append(timestamp=timestamp, key=key, value=value, headers=headers) is None:
             raise ke.MessageSizeTooLargeError("the record does not fit in a batch")
         count = await self._partition_count(producer, topic)
         if key is not None:
@@ -600,14 +610,10 @@ class KafkaPublisher:
             partitions = await producer.partitions_for(topic)
         return len(partitions)
 
-    @staticmethod
-    def _record_size(event: Envelope) -> int:
+    def _record_size(self, event: Envelope) -> int:
         key = event.key.encode() if event.key is not None else None
-        return int(
-            DefaultRecordBatchBuilder.estimate_size_in_bytes(
-                key, event.payload, event.kafka_headers()
-            )
-        )
+        value, headers = self.encoder.kafka(event)
+        return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers))
 
     # -- topics --------------------------------------------------------------------------------
 

@@ -62,7 +62,6 @@ and an ACL that forbids XADD (XADD_PROBE). Once running, the same errors are BRO
 
 from __future__ import annotations
 
-import json
 import os
 import ssl
 from collections.abc import Iterator, Sequence
@@ -82,7 +81,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from outbox.envelope import Envelope
+from outbox.envelope import Encoder, Envelope
 from outbox.urls import redact
 from relay.ordering import KeyGate
 from relay.seams import (
@@ -269,21 +268,6 @@ def resp_command(args: Sequence[bytes]) -> bytes:
     return b"".join(out)
 
 
-def stream_fields(event: Envelope) -> list[bytes]:
-    """The stream entry's field/value pairs, flat (see Envelope.redis_fields)."""
-    flat: list[bytes] = []
-    for name, value in event.redis_fields().items():
-        flat.append(name.encode())
-        flat.append(value if isinstance(value, bytes) else value.encode())
-    return flat
-
-
-def pubsub_message(event: Envelope) -> bytes:
-    fields = event.redis_fields()
-    text = {k: v.decode() if isinstance(v, bytes) else v for k, v in fields.items()}
-    return json.dumps(text, separators=(",", ":")).encode()
-
-
 async def _replies(conn: AbstractConnection, count: int) -> list[Any]:
     """The next `count` replies; an error reply comes as its exception, not raised."""
     read = conn.read_response
@@ -306,10 +290,13 @@ class RedisPublisher:
         mode: Literal["streams", "pubsub"] = "streams",
         maxlen: int | None = None,
         topic_prefix: str = "",
+        encoder: Encoder | None = None,
     ) -> None:
         self.url = url
         self.mode = mode
         self.topic_prefix = topic_prefix
+        #: Each entry's fields (each message), in its topic's envelope mode.
+        self.encoder = encoder or Encoder()
         self._trim = [b"MAXLEN", b"~", str(maxlen).encode()] if maxlen else []
         try:
             self._client = aioredis.Redis.from_url(
@@ -361,8 +348,9 @@ class RedisPublisher:
 
     def _command(self, event: Envelope, name: bytes) -> bytes:
         if self.mode == "pubsub":
-            return resp_command([b"PUBLISH", name, pubsub_message(event)])
-        return resp_command([b"XADD", name, *self._trim, b"*", *stream_fields(event)])
+            return resp_command([b"PUBLISH", name, self.encoder.pubsub_message(event)])
+        fields = self.encoder.stream_fields(event)
+        return resp_command([b"XADD", name, *self._trim, b"*", *fields])
 
     async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
         prefix = self.topic_prefix
