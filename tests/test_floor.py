@@ -215,3 +215,23 @@ async def test_with_a_snapshot_held_the_claim_skips_the_rows_it_deleted(
         await holder.close()
         await pg.close()
     assert from_head > 10 * from_floor, (from_head, from_floor)
+
+
+async def test_a_caching_sequence_turns_the_floor_off(database_url: str) -> None:
+    """With CACHE > 1 a session may hand out a lower seq long after a higher one: no floor."""
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        assert await conn.fetchval("SELECT outbox_last_seq()") == 0
+        await conn.execute("ALTER TABLE outbox_events ALTER COLUMN seq SET CACHE 20")
+        assert await conn.fetchval("SELECT outbox_last_seq()") is None
+        store = PostgresStore(database_url)
+        store.horizon_interval = 0.01
+        await store.start("cache-test")
+        try:
+            await conn.fetchval(INSERT, uuid.uuid4(), "k")
+            await asyncio.sleep(0.1)  # samplings, had there been any
+            assert store.horizon() == 0
+        finally:
+            await store.stop()
+    finally:
+        await conn.close()

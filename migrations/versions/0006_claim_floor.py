@@ -26,10 +26,15 @@ down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+# NULL when the sequence caches values (CACHE > 1): a session may then hand out a lower seq
+# long after a higher one, and the relay runs without a floor.
 LAST_SEQ_FUNCTION = """
 CREATE OR REPLACE FUNCTION outbox_last_seq() RETURNS bigint
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
-    SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('outbox_events', 'seq')), 0)
+    SELECT CASE WHEN s.seqcache > 1 THEN NULL
+                ELSE coalesce(pg_sequence_last_value(s.seqrelid), 0) END
+    FROM pg_sequence AS s
+    WHERE s.seqrelid = pg_get_serial_sequence('outbox_events', 'seq')::regclass
 $$
 """
 

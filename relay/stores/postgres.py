@@ -161,6 +161,9 @@ class PostgresStore:
         while True:
             try:
                 last_seq = await self.pool.fetchval(QUERIES["horizon_last_seq"])
+                if last_seq is None:
+                    log.warning("claim_floor_off", reason="outbox_events' seq sequence caches")
+                    return
                 writers = await self.pool.fetchval(QUERIES["horizon_writers"])
                 self._horizon.observe(last_seq, writers)
             except asyncpg.UndefinedFunctionError:
