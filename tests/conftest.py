@@ -13,12 +13,14 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from outbox.urls import asyncpg_dsn
+from tests.fakes import FakeClock, OutboxDb
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -131,3 +133,12 @@ def redis_url() -> str:
 def topic() -> str:
     """A topic / stream name no other test uses."""
     return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[OutboxDb]:
+    """A SQLite outbox file with the schema; its stores run on a fake clock. (Modules that
+    drive the clock define their own.)"""
+    outbox = await OutboxDb.create(tmp_path / "outbox.db", FakeClock())
+    yield outbox
+    await outbox.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -154,14 +154,6 @@ class ExplodingPublisher:
 
     async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
         raise RuntimeError("publisher bug (test)")
-
-
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[OutboxDb]:
-    """A SQLite outbox file; its stores run on a fake clock."""
-    outbox = await OutboxDb.create(tmp_path / "outbox.db", FakeClock())
-    yield outbox
-    await outbox.close()
 
 
 @pytest.mark.unit

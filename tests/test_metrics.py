@@ -11,8 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import asyncpg
 import httpx
@@ -29,7 +27,7 @@ from relay.relay import Relay
 from relay.retry import RetryPolicy
 from relay.seams import Backlog
 from relay.testing import FaultInjector
-from tests.fakes import FakeClock, OutboxDb, RecordingPublisher
+from tests.fakes import OutboxDb, RecordingPublisher
 from tests.helpers import ROOT, create_topic, eventually, free_port, relay_process
 
 
@@ -40,13 +38,6 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-
-
-@pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[OutboxDb]:
-    outbox = await OutboxDb.create(tmp_path / "outbox.db", FakeClock())
-    yield outbox
-    await outbox.close()
 
 
 @pytest.mark.unit
