@@ -242,6 +242,11 @@ def migrate(database_url: str | None, sql: bool, downgrade_to: str | None, check
             m.upgrade(url, sql=sql)
     except Exception as exc:  # noqa: BLE001 - one line on stderr, never a traceback
         fail(one_line(exc), 1)
+    if not sql:  # with --sql, stdout is the script alone
+        now_at = run_async(m.current_revision(url))
+        head = m.head_revision()
+        where = f"{now_at} (head)" if now_at == head else (now_at or "base (no outbox tables)")
+        click.echo(f"{'downgraded' if downgrade_to else 'migrated'} to {where}")
 
 
 @cli.group()
@@ -412,12 +417,15 @@ TSV_FIELDS = (
 def dlq_list(limit: int, as_json: bool, **given: Any) -> None:
     """Dead letters, one per line: newest first, or with --key that key's chain in order.
 
-    Tab-separated (a tab, newline or backslash inside a field escaped as \\t, \\n, \\\\), or
-    with --json one JSON document per line (JSON lines)."""
+    Tab-separated under a header line of the field names (a tab, newline or backslash inside a
+    field escaped as \\t, \\n, \\\\), or with --json one JSON document per line (JSON lines)."""
     from relay.admin import document, list_dead_letters
 
     url, filters = selection(given)
-    for row in on_dead_letters(url, lambda conn: list_dead_letters(conn, filters, limit)):
+    rows = on_dead_letters(url, lambda conn: list_dead_letters(conn, filters, limit))
+    if rows and not as_json:
+        click.echo("\t".join(TSV_FIELDS))  # the header line
+    for row in rows:
         if as_json:
             echo_json(document(row))
         else:
@@ -514,7 +522,7 @@ def dlq_replay(
     A quarantine chain goes back whole, in order and in one transaction, and its key is
     released with it: a selection that holds part of a chain without its head (the poison
     event) is refused, with the command that replays the chain."""
-    from relay.admin import replay_dead_letters
+    from relay.admin import Filters, Replayed, replay_dead_letters, show_dead_letters
 
     if not (anything_chosen(given) or replay_all):
         fail(
@@ -522,9 +530,21 @@ def dlq_replay(
             "--until, or --all"
         )
     url, filters = selection(given)
-    done = on_dead_letters(
-        url, lambda conn: replay_dead_letters(conn, filters, limit=limit, batch_size=batch_size)
-    )
+
+    async def replay(conn: asyncpg.Connection) -> Replayed | list[uuid.UUID]:
+        if filters.event_ids:  # an id that is no dead letter is a mistake: replay nothing
+            known = {
+                r["event_id"] for r in await show_dead_letters(conn, Filters(filters.event_ids))
+            }
+            missing = [i for i in dict.fromkeys(filters.event_ids) if i not in known]
+            if missing:
+                return missing
+        return await replay_dead_letters(conn, filters, limit=limit, batch_size=batch_size)
+
+    done = on_dead_letters(url, replay)
+    if isinstance(done, list):
+        ids = ", ".join(str(i) for i in done)
+        fail(f"--id: no dead letter has the id(s) {ids}; nothing replayed", 1)
     if as_json:
         echo_json(
             {
@@ -709,6 +729,71 @@ def status(
         click.echo(s.render_text(found, verdict))
     if check and verdict:
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("topic", callback=text_filter)
+@setting_option("broker", type=click.Choice(["kafka", "redis"]))
+@setting_option("kafka_bootstrap")
+@setting_option(
+    "kafka_security_protocol",
+    type=click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"], case_sensitive=False),
+)
+@setting_option(
+    "kafka_sasl_mechanism",
+    type=click.Choice(["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"], case_sensitive=False),
+)
+@setting_option("kafka_sasl_username")
+@setting_option("kafka_sasl_password")
+@setting_option("kafka_ssl_ca_file")
+@setting_option("kafka_ssl_cert_file")
+@setting_option("kafka_ssl_key_file")
+@setting_option("kafka_ssl_key_password")
+@setting_option("redis_url")
+@setting_option("redis_mode", type=click.Choice(["streams", "pubsub"]))
+@setting_option("topic_prefix")
+@click.option(
+    "--from-beginning", is_flag=True, help="Every event still on the topic, then new ones."
+)
+@click.option("--max", "max_events", type=click.IntRange(min=1), help="Stop after N events.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document per event (JSON lines).")
+def tail(
+    topic: str, from_beginning: bool, max_events: int | None, as_json: bool, **given: Any
+) -> None:
+    """Print the events the relay publishes to TOPIC, one line each: id, seq, key, type,
+    payload. Reads Kafka or Redis with the settings of `run` (any envelope mode), from now
+    or --from-beginning, until SIGINT/SIGTERM or --max N events."""
+    from relay import tail as t
+
+    if not os.environ.get("OUTBOX_DATABASE_URL"):  # tail reads no database; settings want one
+        given["database_url"] = "sqlite:///tail-reads-no-database.db"
+    settings = load_settings(**given)
+    if settings.broker == "stdout":
+        fail("broker: tail reads kafka or redis: pass --broker kafka or --broker redis")
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        def ready(where: str) -> None:
+            start = "the beginning" if from_beginning else "now"
+            click.echo(f"outbox-relay: tail: reading {where} from {start}", err=True)
+
+        await t.tail(
+            settings,
+            topic,
+            from_beginning=from_beginning,
+            max_events=max_events,
+            as_json=as_json,
+            stop=stop,
+            emit=lambda line: click.echo(line),
+            ready=ready,
+            warn=lambda line: click.echo(f"outbox-relay: warning: {line}", err=True),
+        )
+
+    run_async(_main())
 
 
 @cli.command()

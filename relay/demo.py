@@ -153,6 +153,8 @@ async def run_demo(
             say(f"Kept {workdir} (look around: sqlite3 {workdir / 'outbox.db'})")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+            gone = "the database" if jsonl_path else "the database and the JSON lines"
+            say(f"Removed {workdir} ({gone}): run `outbox-relay demo --keep` to keep them.")
     say(f"Done in {time.monotonic() - started:.1f} s.")
 
 

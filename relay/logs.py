@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
@@ -16,6 +16,31 @@ LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+
+
+class RelayLogger:
+    """`structlog.get_logger(name)` for the relay's modules, with one difference: while nothing
+    has configured structlog (a relay embedded in an app that does not use structlog), the
+    relay's own lines below info are dropped. structlog's default wrapper filters nothing, so
+    a debug line per batch would reach stderr. Once anyone calls `structlog.configure` (the
+    CLI's `configure_logging`, or the app), its wrapper and levels apply. The app's other
+    loggers are never touched."""
+
+    def __init__(self, name: str) -> None:
+        self._configured = structlog.get_logger(name)
+        self._quiet = structlog.wrap_logger(
+            None,
+            wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+            logger_factory_args=(name,),
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._configured if structlog.is_configured() else self._quiet, name)
+
+
+def relay_logger(name: str) -> RelayLogger:
+    """The logger of one relay module (see RelayLogger)."""
+    return RelayLogger(name)
 
 
 def redact_secrets(

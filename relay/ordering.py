@@ -30,13 +30,12 @@ import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import structlog
-
 from outbox.envelope import Envelope
+from relay.logs import relay_logger
 from relay.retry import RetryPolicy
 from relay.seams import HELD_BACK, Dead, Failure, PublishResult, Retry, Verdict
 
-log = structlog.get_logger("relay")
+log = relay_logger("relay")
 
 
 class PoisonPolicy(enum.StrEnum):

@@ -14,10 +14,9 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
 from outbox.envelope import Envelope
 from relay.floor import ClaimFloor
+from relay.logs import relay_logger
 from relay.metrics import RelayMetrics
 from relay.ordering import KeyGate, PoisonPolicy, Settlement, sort_results
 from relay.retry import CircuitBreaker, PollPacer, RetryPolicy
@@ -31,7 +30,7 @@ from relay.seams import (
     StoreUnavailableError,
 )
 
-log = structlog.get_logger("relay")
+log = relay_logger("relay")
 
 
 @dataclass(slots=True)

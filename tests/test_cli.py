@@ -69,8 +69,30 @@ async def test_dlq_list_escapes_tabs_and_newlines(
     )
     listed = await asyncio.to_thread(cli, "dlq", "list", "--database-url", database_url)
     assert listed.returncode == 0, listed.stderr
-    (line,) = listed.stdout.splitlines()
+    header, line = listed.stdout.splitlines()
+    assert header.split("\t")[:4] == ["event_id", "original_seq", "topic", "key"]
     fields = line.split("\t")
-    assert len(fields) == 11
+    assert len(fields) == len(header.split("\t")) == 11
     assert fields[3] == "a\\tkey"
     assert fields[8] == "line one\\nline\\ttwo \\\\ done"
+
+
+@pytest.mark.postgres
+async def test_migrate_says_which_revision_it_is_at(empty_database_url: str) -> None:
+    from relay.migrate import head_revision
+
+    up = await asyncio.to_thread(cli, "migrate", OUTBOX_DATABASE_URL=empty_database_url)
+    assert (up.returncode, up.stderr) == (0, "")
+    assert up.stdout == f"migrated to {head_revision()} (head)\n"
+    again = await asyncio.to_thread(cli, "migrate", OUTBOX_DATABASE_URL=empty_database_url)
+    assert again.stdout == up.stdout
+    down = await asyncio.to_thread(
+        cli, "migrate", "--downgrade", "base", OUTBOX_DATABASE_URL=empty_database_url
+    )
+    assert (down.returncode, down.stdout) == (0, "downgraded to base (no outbox tables)\n")
+
+
+@pytest.mark.postgres
+async def test_dlq_list_without_dead_letters_prints_nothing(database_url: str) -> None:
+    listed = await asyncio.to_thread(cli, "dlq", "list", OUTBOX_DATABASE_URL=database_url)
+    assert (listed.returncode, listed.stdout, listed.stderr) == (0, "", "")

@@ -92,6 +92,19 @@ def test_demo_tells_the_whole_story_quickly_and_cleans_up(tmpdir_for_demo: Path)
     assert list(tmpdir_for_demo.iterdir()) == []  # the temporary directory is gone
 
 
+def test_demo_says_it_removed_its_files_and_how_to_keep_them(tmpdir_for_demo: Path) -> None:
+    run = run_demo(tmpdir_for_demo)
+
+    assert run.returncode == 0, run.stderr
+    removed = re.search(
+        r"^Removed (\S+) \((.*)\): run `outbox-relay demo --keep`", run.stdout, re.M
+    )
+    assert removed is not None, run.stdout
+    assert Path(removed[1]).parent == tmpdir_for_demo
+    assert removed[2] == "the database and the JSON lines"
+    assert run.stdout.index("JSON lines: ") < removed.start()
+
+
 def test_demo_keep_and_jsonl(tmpdir_for_demo: Path, tmp_path: Path) -> None:
     jsonl = tmp_path / "published.jsonl"
     run = run_demo(tmpdir_for_demo, "--keep", "--jsonl", str(jsonl))

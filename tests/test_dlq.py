@@ -406,6 +406,7 @@ async def test_purge_takes_exactly_what_is_chosen_and_the_rest_of_a_chain_holds_
 # -- the command line -----------------------------------------------------------------------
 
 POISON = uuid.UUID("01a21433-f6e4-744a-a01f-c65e10c798ba")
+UNKNOWN = uuid.UUID("01a21433-0000-7000-8000-000000000000")  # no dead letter has it
 
 
 async def cli_scene(pg: asyncpg.Connection) -> dict[str, Dead]:
@@ -442,6 +443,7 @@ BAD_INPUT = [
     (("count", "--since", "999999999w"), "--since"),
     (("replay",), "choose what to replay"),
     (("replay", "--id", "nope"), "--id"),
+    (("replay", "--id", str(POISON), "--id", str(UNKNOWN)), f"the id(s) {UNKNOWN}; nothing"),
     (("count", "--error-class", ""), "--error-class"),
     (("replay", "--all", "--batch-size", "0"), "--batch-size"),
     (("replay", "--error-class", "Quarantined"), "dlq replay --key order-42"),

@@ -150,3 +150,23 @@ def test_the_sample_report_has_the_renderers_lines() -> None:
         return [line[:18].strip() for line in text.splitlines()[1:] if line[:1] != " "]
 
     assert labels(sample) == labels(report)
+
+
+@pytest.mark.postgres
+async def test_created_at_is_the_transaction_start_as_the_schema_section_says(
+    pg: asyncpg.Connection,
+) -> None:
+    """docs/operations.md: events of one transaction share `created_at`, the transaction's
+    start, and a long transaction backdates them."""
+    insert = (
+        "INSERT INTO outbox_events (id, topic, key, payload) "
+        "VALUES (gen_random_uuid(), 't', $1, '{}') RETURNING created_at"
+    )
+    async with pg.transaction():
+        started = await pg.fetchval("SELECT now()")
+        await pg.execute("SELECT pg_sleep(0.2)")  # the transaction's earlier work
+        first = await pg.fetchval(insert, "a")
+        second = await pg.fetchval(insert, "b")
+        inserted_by = await pg.fetchval("SELECT clock_timestamp()")
+    assert first == second == started
+    assert (inserted_by - first).total_seconds() >= 0.2

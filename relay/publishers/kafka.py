@@ -41,7 +41,6 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka import errors as ke
 from aiokafka.conn import create_conn
@@ -50,6 +49,7 @@ from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from outbox.envelope import Encoder, Envelope, kafka_timestamp
+from relay.logs import relay_logger
 from relay.ordering import KeyGate, hold_back_after_failures
 from relay.publishers.kafka_errors import (
     Kind,
@@ -69,7 +69,7 @@ from relay.seams import (
     Verdict,
 )
 
-log = structlog.get_logger("relay.kafka")
+log = relay_logger("relay.kafka")
 
 
 # -- the publisher -----------------------------------------------------------------------------

@@ -69,7 +69,6 @@ from dataclasses import replace
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
-import structlog
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import (
     AuthenticationError,
@@ -83,6 +82,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from outbox.envelope import Encoder, Envelope
 from outbox.urls import redact
+from relay.logs import relay_logger
 from relay.ordering import KeyGate
 from relay.seams import (
     HELD_BACK,
@@ -93,7 +93,7 @@ from relay.seams import (
     Verdict,
 )
 
-log = structlog.get_logger("relay.redis")
+log = relay_logger("relay.redis")
 
 #: The connection is gone or timed out. redis-py also raises ConnectionError subclasses for
 #: some replies, after dropping the connection: LOADING (BusyLoadingError), NOAUTH / WRONGPASS

@@ -11,16 +11,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
-import structlog
 
 from outbox.envelope import Envelope
 from outbox.urls import asyncpg_dsn, redact
 from outbox.validation import BUCKETS
 from relay.floor import Horizon
+from relay.logs import relay_logger
 from relay.seams import Backlog, Claim, Dead, Retry, StoreUnavailableError, park
 from relay.sql import QUERIES
 
-log = structlog.get_logger("relay.store")
+log = relay_logger("relay.store")
 
 NOTIFY_CHANNEL = "outbox_events"
 #: Errors that mean "the database cannot serve us now", not "this statement is wrong": the loop
