@@ -8,7 +8,8 @@
 
 `POST /orders` inserts the order and adds an `OutboxEvent` in the same `AsyncSession`
 transaction: both commit or neither does. The relay runs in the app's lifespan and publishes the
-event to the "orders" topic (Kafka) or stream (Redis) once the transaction has committed.
+event to the "orders" topic (Kafka) or stream (Redis) once the transaction has committed. The
+event carries the request's correlation id (`X-Correlation-ID`, echoed in the response).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sqlalchemy import BigInteger, DateTime, Identity, Text, func
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from outbox import OutboxEvent
+from outbox import CorrelationIdMiddleware, Event, OutboxEvent
 from outbox.urls import async_engine
 from relay.fastapi import outbox_lifespan, outbox_router
 from relay.relay import Relay
@@ -42,6 +43,14 @@ class Order(ShopBase):
     customer: Mapped[str] = mapped_column(Text)
     total_cents: Mapped[int]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class OrderPlaced(Event, topic="orders"):
+    """The event: its topic and type ("OrderPlaced") travel with the class."""
+
+    order_id: int
+    customer: str
+    total_cents: int
 
 
 class OrderIn(BaseModel):
@@ -85,6 +94,8 @@ def create_app(settings: RelaySettings | None = None) -> FastAPI:
             await engine.dispose()
 
     app = FastAPI(title="orders (outbox example)", lifespan=lifespan)
+    # Each request's X-Correlation-ID (else a new one) goes into its events' headers.
+    app.add_middleware(CorrelationIdMiddleware)
     # GET /outbox/health/live, /outbox/health/ready and /outbox/metrics (Prometheus).
     app.include_router(outbox_router(relay_lifespan))
 
@@ -94,16 +105,10 @@ def create_app(settings: RelaySettings | None = None) -> FastAPI:
             order = Order(customer=body.customer, total_cents=body.total_cents)
             session.add(order)
             await session.flush()  # assigns order.id
-            event = OutboxEvent(
-                topic="orders",
-                key=f"order-{order.id}",
-                event_type="OrderPlaced",
-                payload={
-                    "order_id": order.id,
-                    "customer": order.customer,
-                    "total_cents": order.total_cents,
-                },
+            placed = OrderPlaced(
+                order_id=order.id, customer=order.customer, total_cents=order.total_cents
             )
+            event = OutboxEvent.of(placed, key=f"order-{order.id}")
             session.add(event)
         return OrderOut(
             id=order.id, customer=order.customer, total_cents=order.total_cents, event_id=event.id

@@ -11,9 +11,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from outbox.consume import Registry
+    from outbox.context import CorrelationIdMiddleware, correlation_id, current_correlation_id
     from outbox.enqueue import enqueue
     from outbox.envelope import Envelope
-    from outbox.errors import OutboxError, OutboxValidationError
+    from outbox.errors import (
+        EventPayloadError,
+        OutboxError,
+        OutboxValidationError,
+        UnknownEventTypeError,
+    )
+    from outbox.events import Event
     from outbox.ids import uuid7
     from outbox.models import (
         BucketLease,
@@ -30,13 +38,20 @@ _WHERE = {
     "MAX_KEY_LENGTH": "outbox.validation",
     "MAX_TOPIC_LENGTH": "outbox.validation",
     "BucketLease": "outbox.models",
+    "CorrelationIdMiddleware": "outbox.context",
     "DeadLetter": "outbox.models",
     "Envelope": "outbox.envelope",
+    "Event": "outbox.events",
+    "EventPayloadError": "outbox.errors",
     "OutboxBase": "outbox.models",
     "OutboxError": "outbox.errors",
     "OutboxEvent": "outbox.models",
     "OutboxValidationError": "outbox.errors",
+    "Registry": "outbox.consume",
     "RelayInstance": "outbox.models",
+    "UnknownEventTypeError": "outbox.errors",
+    "correlation_id": "outbox.context",
+    "current_correlation_id": "outbox.context",
     "enqueue": "outbox.enqueue",
     "metadata": "outbox.models",
     "uuid7": "outbox.ids",
@@ -47,13 +62,20 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "MAX_TOPIC_LENGTH",
     "BucketLease",
+    "CorrelationIdMiddleware",
     "DeadLetter",
     "Envelope",
+    "Event",
+    "EventPayloadError",
     "OutboxBase",
     "OutboxError",
     "OutboxEvent",
     "OutboxValidationError",
+    "Registry",
     "RelayInstance",
+    "UnknownEventTypeError",
+    "correlation_id",
+    "current_correlation_id",
     "enqueue",
     "metadata",
     "uuid7",

@@ -8,17 +8,22 @@ on the session's own connection (0.1-0.25 ms). Other drivers get one Core INSERT
 
 from __future__ import annotations
 
+import enum
 import json
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, overload
 
 import asyncpg
+from pydantic import BaseModel
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from outbox import validation
+from outbox.context import with_context
+from outbox.errors import OutboxValidationError
+from outbox.events import describe
 from outbox.ids import uuid7
 from outbox.models import OutboxEvent
 
@@ -33,11 +38,44 @@ INSERT_EVENT_SQL = (
 _CORE_INSERT = insert(OutboxEvent).inline()
 
 
+class _Missing(enum.Enum):
+    MISSING = enum.auto()
+
+
+@overload
+async def enqueue(
+    session: AsyncSession,
+    event: BaseModel,
+    /,
+    *,
+    key: str | None = None,
+    topic: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    available_at: datetime | None = None,
+    id: uuid.UUID | None = None,
+) -> uuid.UUID: ...
+
+
+@overload
 async def enqueue(
     session: AsyncSession,
     *,
     topic: str,
     payload: Any,
+    key: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    event_type: str | None = None,
+    available_at: datetime | None = None,
+    id: uuid.UUID | None = None,
+) -> uuid.UUID: ...
+
+
+async def enqueue(
+    session: AsyncSession,
+    event: BaseModel | None = None,
+    *,
+    topic: str | None = None,
+    payload: Any = _Missing.MISSING,
     key: str | None = None,
     headers: Mapping[str, str] | None = None,
     event_type: str | None = None,
@@ -53,12 +91,22 @@ async def enqueue(
     the asyncpg path is asyncpg's own exception (`asyncpg.UndefinedTableError` before
     `outbox-relay migrate`, for example), not SQLAlchemy's wrapper; the transaction is then
     aborted and its commit fails, as after any failed statement.
+
+    `enqueue(session, OrderPlaced(...), key=...)` writes a typed event, like `OutboxEvent.of`.
     """
+    if event is not None:
+        if payload is not _Missing.MISSING or event_type is not None:
+            raise OutboxValidationError(
+                "event", "give a typed event or payload= and event_type=, not both"
+            )
+        topic, event_type, payload = describe(event, topic)
+    elif payload is _Missing.MISSING:
+        raise OutboxValidationError("payload", "is required (or give a typed event)")
     event_id = id if id is not None else uuid7()
     topic = validation.check_topic(topic)
     key = validation.check_key(key)
     payload, payload_json = validation.check_payload(payload)
-    checked_headers = validation.check_headers(headers)
+    checked_headers = validation.check_headers(with_context(headers))
     event_type = validation.check_event_type(event_type)
     if available_at is not None:
         available_at = validation.check_available_at(available_at)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
+from pydantic import BaseModel
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -37,6 +38,8 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 
 from outbox import validation
+from outbox.context import with_context
+from outbox.events import describe
 from outbox.ids import uuid7
 
 JsonColumn = JSON().with_variant(JSONB(), "postgresql")
@@ -166,10 +169,38 @@ class OutboxEvent(OutboxBase):
         self.topic = topic
         self.key = key
         self.payload = payload
-        self.headers = headers or {}
+        # With the correlation id and trace context, if any; `_validate_headers` checks it.
+        self.headers = cast("dict[str, str]", with_context(headers) or {})
         self.event_type = event_type
         if available_at is not None:
             self.available_at = available_at
+
+    @classmethod
+    def of(
+        cls,
+        event: BaseModel,
+        *,
+        key: str | None = None,
+        topic: str | None = None,
+        headers: dict[str, str] | None = None,
+        available_at: datetime | None = None,
+        id: uuid.UUID | None = None,
+    ) -> OutboxEvent:
+        """The row of a typed event (`outbox.Event`, or any pydantic model with `topic=`): its
+        topic (`topic` wins), its event type with the version, its fields as the payload.
+
+        >>> session.add(OutboxEvent.of(OrderPlaced(order_id=42, total_cents=10), key="o-42"))
+        """
+        chosen, event_type, payload = describe(event, topic)
+        return cls(
+            topic=chosen,
+            payload=payload,
+            key=key,
+            headers=headers,
+            event_type=event_type,
+            available_at=available_at,
+            id=id,
+        )
 
     @validates("topic")
     def _validate_topic(self, _: str, value: object) -> str:
@@ -317,3 +348,26 @@ class RelayInstance(OutboxBase):
 
 
 metadata = OutboxBase.metadata
+
+
+class InboxEntry(OutboxBase):
+    """An event a consumer has processed: `outbox.inbox.once` adds it in the transaction of
+    the consumer's own changes, so a redelivered event is skipped once they are committed."""
+
+    __tablename__ = "outbox_inbox"
+    __table_args__ = (
+        CheckConstraint(
+            f"length(consumer) BETWEEN 1 AND {validation.MAX_CONSUMER_LENGTH}",
+            name="consumer_length",
+        ),
+        # Retention: `outbox.inbox.prune` deletes by age.
+        Index("ix_outbox_inbox_processed_at", "processed_at"),
+    )
+
+    #: Who processed it: one name per handler, so two handlers of one event each run once.
+    consumer: Mapped[str] = mapped_column(Text, primary_key=True)
+    #: The event's id (`Envelope.id`, the `outbox-id` / `message_id` / CloudEvents `id`).
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid(), primary_key=True)
+    processed_at: Mapped[datetime] = mapped_column(
+        UtcDateTime(), nullable=False, server_default=func.now()
+    )

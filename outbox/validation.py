@@ -21,6 +21,8 @@ MAX_TOPIC_LENGTH = 249
 #: Longest accepted key, in characters. Keys are hashed for ordering, not meant to carry data.
 MAX_KEY_LENGTH = 1024
 MAX_EVENT_TYPE_LENGTH = 255
+#: Longest consumer name of the inbox (`outbox.inbox.once`).
+MAX_CONSUMER_LENGTH = 255
 MAX_HEADER_COUNT = 64
 MAX_HEADER_NAME_LENGTH = 255
 #: Names and values of all headers together, in UTF-8 bytes (Kafka headers ride in the record).

@@ -16,10 +16,9 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from outbox.urls import redact_text
 from relay.factory import build_relay
+from relay.logs import relay_logger
 from relay.relay import Relay
 from relay.retry import CircuitBreaker
 from relay.settings import RelaySettings
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
     from fastapi import APIRouter
     from starlette.applications import Starlette
 
-log = structlog.get_logger("relay.fastapi")
+log = relay_logger("relay.fastapi")
 
 #: Name of the relay on `app.state` and in the lifespan state (`request.state`).
 STATE_KEY = "outbox_relay"

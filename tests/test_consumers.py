@@ -236,7 +236,15 @@ def test_the_docs_python_is_the_examples_code() -> None:
     blocks = python_blocks()
     assert {name for name, _ in blocks} == {
         f"examples/{name}.py"
-        for name in ("consume_kafka", "consume_redis", "consume_cloudevents", "consume_faststream")
+        for name in (
+            "consume_kafka",
+            "consume_redis",
+            "consume_cloudevents",
+            "consume_faststream",
+            "fastapi_app",
+            "typed_events",
+            "consume_inbox",
+        )
     }
     for name, code in blocks:
         assert code.strip() in (ROOT / name).read_text(), f"{name} no longer has this code"

@@ -16,6 +16,7 @@ import re
 import signal
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -25,7 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-from outbox import OutboxEvent, enqueue
+from outbox import OutboxEvent, enqueue, inbox
 from outbox.envelope import Envelope
 from outbox.urls import asyncpg_dsn, sqlalchemy_async_url
 from relay.seams import Failure, PublishResult, Verdict
@@ -177,6 +178,23 @@ async def test_least_privilege_roles_from_the_docs(
     )
     assert all("permission denied" in message for message in writer_refusals)
 
+    # 2b. The same role as a consumer: the inbox records an event once, and prunes; `once`
+    # needs INSERT alone.
+    engine = create_async_engine(sqlalchemy_async_url(writer_url))
+    event_id = uuid.uuid4()
+    try:
+        async with AsyncSession(engine) as session, session.begin():
+            assert await inbox.record(session, event_id, consumer="billing")
+            assert await inbox.prune(session, older_than=timedelta(days=7)) == 0
+        await grant(f"REVOKE SELECT, DELETE ON outbox_inbox FROM {names['app_writer']}")
+        async with AsyncSession(engine) as session:
+            async with inbox.once(session, event_id, consumer="billing") as fresh:
+                assert not fresh
+            async with inbox.once(session, uuid.uuid4(), consumer="billing") as fresh:
+                assert fresh
+    finally:
+        await engine.dispose()
+
     # 3. The relay role: no DDL, no TRUNCATE, no migration; `migrate --check` reads.
     relay_refusals = await refused(
         relay_url,
@@ -205,7 +223,9 @@ async def test_least_privilege_roles_from_the_docs(
     assert (stats.delivered, stats.dead_lettered, stats.parked) == (4, 2, 1)
     code, out, err = await cli(relay_url, "dlq", "list", "--key", "poison")
     assert code == 0, err
-    assert [line.split("\t")[0] for line in out.splitlines()] == [str(ids[0]), str(ids[2])]
+    header, *lines = out.splitlines()  # `dlq list` prints the field names first
+    assert header.startswith("event_id\t")
+    assert [line.split("\t")[0] for line in lines] == [str(ids[0]), str(ids[2])]
     code, out, err = await cli(relay_url, "dlq", "replay", "--key", "poison")
     assert code == 0, err
     assert out.startswith("replayed 2 dead letter(s)"), out
