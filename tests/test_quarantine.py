@@ -191,7 +191,9 @@ async def test_poison_quarantines_its_key_and_replay_restores_the_order(
     try:
         listed = await asyncio.to_thread(cli, database_url, "dlq", "list", "--key", "K")
         assert listed.returncode == 0, listed.stderr
-        lines = [line.split("\t") for line in listed.stdout.splitlines()]
+        header, *rows = listed.stdout.splitlines()  # `dlq list` prints the field names first
+        assert header.startswith("event_id\t")
+        lines = [line.split("\t") for line in rows]
         assert [line[0] for line in lines] == [str(e.id) for e in chain[1:]]
         assert lines[0][7] in {"ResponseError", "MessageSizeTooLargeError"}
         assert scene.bad_topic in lines[0][8]  # the error names the topic
