@@ -14,7 +14,13 @@ import pytest
 from outbox.urls import asyncpg_dsn
 from relay.retry import CircuitBreaker
 from tests.fakes import RecordingPublisher
-from tests.helpers import assert_per_key_order, commit_events, keyed_events, pg_relay
+from tests.helpers import (
+    assert_per_key_order,
+    commit_events,
+    first_seen_order,
+    keyed_events,
+    pg_relay,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -63,7 +69,9 @@ async def test_connections_killed_mid_query_on_a_busy_relay(
     assert killed >= 5
     assert not await pg.fetchval("SELECT count(*) FROM outbox_events")
     assert {e.id for e in publisher.published} == {e.id for e in events}
-    assert_per_key_order(publisher.published)
+    # First arrivals: a batch whose deletes were killed is published again, possibly after the
+    # next batch went out (at-least-once; docs/operations.md "Delivery guarantees").
+    assert_per_key_order(first_seen_order(publisher.published))
 
 
 async def test_statement_timeout_and_connection_limit_are_outages_not_crashes(
