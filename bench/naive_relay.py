@@ -39,11 +39,11 @@ def redis_publisher(client: aioredis.Redis) -> Publish:
     async def publish(rows: Sequence[asyncpg.Record]) -> None:
         pipe = client.pipeline(transaction=False)
         for r in rows:
-            fields: dict[Any, Any] = {
-                "id": str(r["id"]),
-                "seq": r["seq"],
-                "key": r["key"],
-                "payload": r["payload"],
+            fields: dict[Any, Any] = {  # the relay's plain field names (docs/consumers.md)
+                "outbox-id": str(r["id"]),
+                "outbox-seq": r["seq"],
+                "outbox-key": r["key"],
+                "outbox-payload": r["payload"],
             }
             pipe.xadd(r["topic"], fields)
         await pipe.execute()
