@@ -123,6 +123,34 @@ def database_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return setting_option("database_url")(f)
 
 
+def broker_connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """How to reach Kafka or Redis: the same flags for `run` and `tail`."""
+    options = [
+        setting_option("kafka_bootstrap"),
+        setting_option(
+            "kafka_security_protocol",
+            type=click.Choice(
+                ["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"], case_sensitive=False
+            ),
+        ),
+        setting_option(
+            "kafka_sasl_mechanism",
+            type=click.Choice(["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"], case_sensitive=False),
+        ),
+        setting_option("kafka_sasl_username"),
+        setting_option("kafka_sasl_password"),
+        setting_option("kafka_ssl_ca_file"),
+        setting_option("kafka_ssl_cert_file"),
+        setting_option("kafka_ssl_key_file"),
+        setting_option("kafka_ssl_key_password"),
+        setting_option("redis_url"),
+        setting_option("redis_mode", type=click.Choice(["streams", "pubsub"])),
+    ]
+    for option in reversed(options):  # decorators apply bottom-up: keep the listed order
+        f = option(f)
+    return f
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Transactional outbox relay: publishes committed outbox rows to Kafka or Redis."""
@@ -146,23 +174,7 @@ def main() -> None:
 @cli.command()
 @database_option
 @setting_option("broker", type=click.Choice(["kafka", "redis", "stdout"]))
-@setting_option("kafka_bootstrap")
-@setting_option(
-    "kafka_security_protocol",
-    type=click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"], case_sensitive=False),
-)
-@setting_option(
-    "kafka_sasl_mechanism",
-    type=click.Choice(["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"], case_sensitive=False),
-)
-@setting_option("kafka_sasl_username")
-@setting_option("kafka_sasl_password")
-@setting_option("kafka_ssl_ca_file")
-@setting_option("kafka_ssl_cert_file")
-@setting_option("kafka_ssl_key_file")
-@setting_option("kafka_ssl_key_password")
-@setting_option("redis_url")
-@setting_option("redis_mode", type=click.Choice(["streams", "pubsub"]))
+@broker_connection_options
 @setting_option("redis_maxlen", type=int)
 @setting_option("topic_prefix")
 @setting_option("envelope", type=click.Choice(MODES))
@@ -734,23 +746,7 @@ def status(
 @cli.command()
 @click.argument("topic", callback=text_filter)
 @setting_option("broker", type=click.Choice(["kafka", "redis"]))
-@setting_option("kafka_bootstrap")
-@setting_option(
-    "kafka_security_protocol",
-    type=click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"], case_sensitive=False),
-)
-@setting_option(
-    "kafka_sasl_mechanism",
-    type=click.Choice(["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"], case_sensitive=False),
-)
-@setting_option("kafka_sasl_username")
-@setting_option("kafka_sasl_password")
-@setting_option("kafka_ssl_ca_file")
-@setting_option("kafka_ssl_cert_file")
-@setting_option("kafka_ssl_key_file")
-@setting_option("kafka_ssl_key_password")
-@setting_option("redis_url")
-@setting_option("redis_mode", type=click.Choice(["streams", "pubsub"]))
+@broker_connection_options
 @setting_option("topic_prefix")
 @click.option(
     "--from-beginning", is_flag=True, help="Every event still on the topic, then new ones."
