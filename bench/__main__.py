@@ -20,7 +20,7 @@ from bench import fleet, notify_cost, report, workloads
 from bench.brokers import BROKERS, Broker, BrokerOps
 from bench.config import WORKLOADS, BenchConfig, full, quick, with_overrides
 from bench.infra import REPO, Databases, Services, machine_facts, other_activity
-from relay.logs import configure_logging
+from outbox.relay.logs import configure_logging
 
 RESULTS = REPO / "bench" / "results"
 Runner = Callable[[workloads.Context], Awaitable[list[workloads.Result]]]

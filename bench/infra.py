@@ -128,7 +128,7 @@ class Databases:
 
     async def create_template(self) -> None:
         from bench import faststream_runner
-        from relay import migrate
+        from outbox.relay import migrate
 
         await self._admin(f'CREATE DATABASE "{self.template}"')
         self._created.append(self.template)

@@ -22,7 +22,7 @@ def relay_argv(
 ) -> list[str]:
     """The real `outbox-relay run`, as users start it."""
     script = VENV_BIN / "outbox-relay"
-    head = [str(script)] if script.exists() else [sys.executable, "-m", "relay.cli"]
+    head = [str(script)] if script.exists() else [sys.executable, "-m", "outbox.relay.cli"]
     return [
         *head,
         "run",

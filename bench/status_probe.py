@@ -22,9 +22,9 @@ import asyncpg
 
 from bench.infra import Services, _check_loopback, with_database
 from bench.procs import VENV_BIN
+from outbox.relay import migrate
+from outbox.relay.status import read_status
 from outbox.urls import asyncpg_dsn
-from relay import migrate
-from relay.status import read_status
 
 TARGET_SECONDS = 1.0
 
@@ -52,7 +52,7 @@ FROM generate_series(1, $1) AS g
 
 def cli_argv(url: str, *args: str) -> list[str]:
     script = VENV_BIN / "outbox-relay"
-    head = [str(script)] if script.exists() else [sys.executable, "-m", "relay.cli"]
+    head = [str(script)] if script.exists() else [sys.executable, "-m", "outbox.relay.cli"]
     return [*head, "status", "--database-url", url, *args]
 
 

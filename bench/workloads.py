@@ -31,11 +31,11 @@ from bench.infra import Databases, Services, is_empty, poll, table_stats
 from bench.procs import Proc, module_argv, relay_argv
 from bench.seed import seed_faststream, seed_outbox, seed_waiting
 from outbox.envelope import MODES, EnvelopeMode
+from outbox.relay.factory import build_relay
+from outbox.relay.metrics import RelayMetrics, serve_metrics
+from outbox.relay.relay import Relay
+from outbox.relay.settings import RelaySettings
 from outbox.urls import asyncpg_dsn
-from relay.factory import build_relay
-from relay.metrics import RelayMetrics, serve_metrics
-from relay.relay import Relay
-from relay.settings import RelaySettings
 
 Result = dict[str, Any]
 

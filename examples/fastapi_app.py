@@ -26,10 +26,10 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from outbox import CorrelationIdMiddleware, Event, OutboxEvent
+from outbox.relay.fastapi import outbox_lifespan, outbox_router
+from outbox.relay.relay import Relay
+from outbox.relay.settings import RelaySettings
 from outbox.urls import async_engine
-from relay.fastapi import outbox_lifespan, outbox_router
-from relay.relay import Relay
-from relay.settings import RelaySettings
 
 
 class ShopBase(DeclarativeBase):

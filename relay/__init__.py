@@ -1,9 +1,15 @@
 """The outbox relay: claims committed outbox rows and publishes them to a broker."""
 
-from relay.relay import Relay, RelayStats
-from relay.retry import RetryPolicy
-from relay.seams import BrokerUnavailableError, Failure, Publisher, Store, StoreUnavailableError
-from relay.settings import RelaySettings
+from outbox.relay.relay import Relay, RelayStats
+from outbox.relay.retry import RetryPolicy
+from outbox.relay.seams import (
+    BrokerUnavailableError,
+    Failure,
+    Publisher,
+    Store,
+    StoreUnavailableError,
+)
+from outbox.relay.settings import RelaySettings
 
 __all__ = [
     "BrokerUnavailableError",

@@ -20,8 +20,8 @@ from typing import Any
 
 import asyncpg
 
+from outbox.relay.sql import QUERIES
 from outbox.urls import asyncpg_dsn
-from relay.sql import QUERIES
 
 #: Dead letters per transaction of replay and purge (a quarantine chain is never split, so a
 #: batch can hold more: the chains of the dead letters it picked).

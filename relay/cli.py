@@ -22,14 +22,14 @@ import click
 from pydantic import ValidationError
 
 from outbox.envelope import MODES
+from outbox.relay.logs import configure_logging
+from outbox.relay.settings import RelaySettings
 from outbox.urls import redact_text, register_password, register_secret
-from relay.logs import configure_logging
-from relay.settings import RelaySettings
 
 if TYPE_CHECKING:
     import asyncpg
 
-    from relay.admin import Filters
+    from outbox.relay.admin import Filters
 
 T = TypeVar("T")
 
@@ -79,7 +79,7 @@ def load_settings(**given: Any) -> RelaySettings:
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    from relay.seams import ConfigurationError
+    from outbox.relay.seams import ConfigurationError
 
     try:
         return asyncio.run(coro)
@@ -200,7 +200,7 @@ def run(**given: Any) -> None:
     """Run the relay until SIGTERM or SIGINT."""
     settings = load_settings(**given)
     configure_logging(settings.log_format, settings.log_level)
-    from relay.factory import build_relay
+    from outbox.relay.factory import build_relay
 
     async def _main() -> None:
         relay = build_relay(settings)
@@ -209,8 +209,8 @@ def run(**given: Any) -> None:
             loop.add_signal_handler(sig, relay.request_stop)
         stop_metrics = None
         if settings.metrics_port is not None:
-            from relay.metrics import serve_metrics
-            from relay.seams import ConfigurationError
+            from outbox.relay.metrics import serve_metrics
+            from outbox.relay.seams import ConfigurationError
 
             try:
                 stop_metrics = serve_metrics(relay, settings.metrics_port, settings.metrics_host)
@@ -235,7 +235,7 @@ def run(**given: Any) -> None:
 @click.option("--check", is_flag=True, help="Exit 1 unless the database is at the head revision.")
 def migrate(database_url: str | None, sql: bool, downgrade_to: str | None, check: bool) -> None:
     """Create or upgrade the outbox tables (their own Alembic history)."""
-    from relay import migrate as m
+    from outbox.relay import migrate as m
 
     url = database_url or ("postgresql://" if sql else None)
     if url is None:
@@ -368,7 +368,7 @@ def dlq_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def selection(given: dict[str, Any]) -> tuple[str, Filters]:
     """The database URL and the filters of a `dlq` command's options."""
-    from relay.admin import Filters
+    from outbox.relay.admin import Filters
 
     since, until = given["since"], given["until"]
     if since is not None and until is not None and since >= until:
@@ -388,7 +388,7 @@ def selection(given: dict[str, Any]) -> tuple[str, Filters]:
 def on_dead_letters(url: str, action: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
     """Run one admin action on its own connection (relay.admin.connect). A refused replay
     (ChainError) is one line and exit 1."""
-    from relay.admin import ChainError, connect
+    from outbox.relay.admin import ChainError, connect
 
     async def _run() -> T | ChainError:
         async with connect(url) as conn:
@@ -431,7 +431,7 @@ def dlq_list(limit: int, as_json: bool, **given: Any) -> None:
 
     Tab-separated under a header line of the field names (a tab, newline or backslash inside a
     field escaped as \\t, \\n, \\\\), or with --json one JSON document per line (JSON lines)."""
-    from relay.admin import document, list_dead_letters
+    from outbox.relay.admin import document, list_dead_letters
 
     url, filters = selection(given)
     rows = on_dead_letters(url, lambda conn: list_dead_letters(conn, filters, limit))
@@ -463,7 +463,7 @@ def tsv_cell(value: object) -> str:
 @click.option("--limit", type=click.IntRange(min=1), help="At most N (an id is rarely twice).")
 def dlq_show(event_id: uuid.UUID, limit: int | None, as_json: bool, **given: Any) -> None:
     """One dead letter in full, with its headers and payload (every dead letter of that id)."""
-    from relay.admin import document, show_dead_letters
+    from outbox.relay.admin import document, show_dead_letters
 
     given["event_ids"] = (event_id, *given["event_ids"])
     url, filters = selection(given)
@@ -492,7 +492,7 @@ def dlq_show(event_id: uuid.UUID, limit: int | None, as_json: bool, **given: Any
 @click.option("--limit", type=click.IntRange(min=1), help="Stop counting at N.")
 def dlq_count(limit: int | None, as_json: bool, **given: Any) -> None:
     """How many dead letters the filters choose."""
-    from relay.admin import summarize
+    from outbox.relay.admin import summarize
 
     url, filters = selection(given)
     total = sum(g.count for g in on_dead_letters(url, lambda c: summarize(c, filters, limit)))
@@ -534,7 +534,7 @@ def dlq_replay(
     A quarantine chain goes back whole, in order and in one transaction, and its key is
     released with it: a selection that holds part of a chain without its head (the poison
     event) is refused, with the command that replays the chain."""
-    from relay.admin import Filters, Replayed, replay_dead_letters, show_dead_letters
+    from outbox.relay.admin import Filters, Replayed, replay_dead_letters, show_dead_letters
 
     if not (anything_chosen(given) or replay_all):
         fail(
@@ -598,7 +598,7 @@ def dlq_purge(
 def run_purge(
     url: str, filters: Filters, *, limit: int | None, batch_size: int, yes: bool, as_json: bool
 ) -> None:
-    from relay.admin import Group, Purged, purge_dead_letters, summarize
+    from outbox.relay.admin import Group, Purged, purge_dead_letters, summarize
 
     async def purge(conn: asyncpg.Connection) -> tuple[list[Group], Purged]:
         groups = await summarize(conn, filters, limit)
@@ -639,7 +639,7 @@ def dlq_discard(
     database_url: str | None, event_ids: tuple[uuid.UUID, ...], key: str | None, yes: bool
 ) -> None:
     """The old name of `purge --id/--key --yes`, for scripts: wants --yes, prints `discarded N`."""
-    from relay.admin import Filters, purge_dead_letters
+    from outbox.relay.admin import Filters, purge_dead_letters
 
     if not (event_ids or key):
         fail("choose what to discard: --id ID (repeatable) or --key KEY")
@@ -703,8 +703,8 @@ def status(
     database cannot be read."""
     import json
 
+    from outbox.relay import status as s
     from outbox.urls import is_sqlite
-    from relay import status as s
 
     settings = load_settings(database_url=database_url, lease_seconds=lease_seconds)
     if is_sqlite(settings.database_url):
@@ -759,7 +759,7 @@ def tail(
     """Print the events the relay publishes to TOPIC, one line each: id, seq, key, type,
     payload. Reads Kafka or Redis with the settings of `run` (any envelope mode), from now
     or --from-beginning, until SIGINT/SIGTERM or --max N events."""
-    from relay import tail as t
+    from outbox.relay import tail as t
 
     if not os.environ.get("OUTBOX_DATABASE_URL"):  # tail reads no database; settings want one
         given["database_url"] = "sqlite:///tail-reads-no-database.db"
@@ -804,7 +804,7 @@ def tail(
 def demo(keep: bool, jsonl_path: str | None) -> None:
     """Run the outbox end to end on a throwaway SQLite database (no servers needed)."""
     configure_logging("console", "error")  # the demo fails events on purpose; keep it quiet
-    from relay.demo import run_demo
+    from outbox.relay.demo import run_demo
 
     run_async(run_demo(keep=keep, jsonl_path=jsonl_path))
 

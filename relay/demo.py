@@ -26,12 +26,12 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from outbox import OutboxEvent
 from outbox.envelope import Envelope
-from relay.publishers.stdout import JsonLinesPublisher
-from relay.relay import Relay, RelayStats
-from relay.retry import RetryPolicy
-from relay.seams import Failure, Verdict
-from relay.stores.sqlite import SqliteStore, create_schema
-from relay.testing import Fault, FaultInjector
+from outbox.relay.publishers.stdout import JsonLinesPublisher
+from outbox.relay.relay import Relay, RelayStats
+from outbox.relay.retry import RetryPolicy
+from outbox.relay.seams import Failure, Verdict
+from outbox.relay.stores.sqlite import SqliteStore, create_schema
+from outbox.relay.testing import Fault, FaultInjector
 
 TOPIC = "orders"
 POISON = "PoisonPill"

@@ -8,24 +8,24 @@ from typing import TYPE_CHECKING
 from pydantic import SecretStr
 
 from outbox.envelope import Encoder
+from outbox.relay.ordering import PoisonPolicy
+from outbox.relay.publishers.stdout import JsonLinesPublisher
+from outbox.relay.relay import Relay
+from outbox.relay.retry import RetryPolicy
+from outbox.relay.seams import Publisher, Store
+from outbox.relay.settings import RelaySettings
 from outbox.urls import is_sqlite
-from relay.ordering import PoisonPolicy
-from relay.publishers.stdout import JsonLinesPublisher
-from relay.relay import Relay
-from relay.retry import RetryPolicy
-from relay.seams import Publisher, Store
-from relay.settings import RelaySettings
 
 if TYPE_CHECKING:
-    from relay.publishers.kafka_security import KafkaSecurity
+    from outbox.relay.publishers.kafka_security import KafkaSecurity
 
 
 def build_store(settings: RelaySettings) -> Store:
     if is_sqlite(settings.database_url):
-        from relay.stores.sqlite import SqliteStore
+        from outbox.relay.stores.sqlite import SqliteStore
 
         return SqliteStore(settings.database_url, max_batch_bytes=settings.max_batch_bytes)
-    from relay.stores.postgres import PostgresStore
+    from outbox.relay.stores.postgres import PostgresStore
 
     return PostgresStore(
         settings.database_url,
@@ -36,7 +36,7 @@ def build_store(settings: RelaySettings) -> Store:
 
 def build_publisher(settings: RelaySettings) -> Publisher:
     if settings.broker == "kafka":
-        from relay.publishers.kafka import KafkaPublisher
+        from outbox.relay.publishers.kafka import KafkaPublisher
 
         return KafkaPublisher(
             settings.kafka_bootstrap,
@@ -45,7 +45,7 @@ def build_publisher(settings: RelaySettings) -> Publisher:
             **kafka_security(settings).producer_options(),
         )
     if settings.broker == "redis":
-        from relay.publishers.redis import RedisPublisher
+        from outbox.relay.publishers.redis import RedisPublisher
 
         return RedisPublisher(
             settings.redis_url,
@@ -63,7 +63,7 @@ def build_encoder(settings: RelaySettings) -> Encoder:
 
 
 def kafka_security(settings: RelaySettings) -> KafkaSecurity:
-    from relay.publishers.kafka_security import KafkaSecurity
+    from outbox.relay.publishers.kafka_security import KafkaSecurity
 
     def secret(value: SecretStr | None) -> str | None:
         return value.get_secret_value() if value is not None else None

@@ -16,12 +16,12 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from outbox.relay.factory import build_relay
+from outbox.relay.logs import relay_logger
+from outbox.relay.relay import Relay
+from outbox.relay.retry import CircuitBreaker
+from outbox.relay.settings import RelaySettings
 from outbox.urls import redact_text
-from relay.factory import build_relay
-from relay.logs import relay_logger
-from relay.relay import Relay
-from relay.retry import CircuitBreaker
-from relay.settings import RelaySettings
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -202,7 +202,7 @@ def outbox_router(
     from fastapi.responses import JSONResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    from relay.metrics import relay_registry
+    from outbox.relay.metrics import relay_registry
 
     router = APIRouter(prefix=prefix, tags=["outbox"])
     registry = relay_registry(lambda: lifespan.relay)
@@ -256,7 +256,7 @@ def outbox_router(
 def _add_dead_letter_routes(router: APIRouter, auth: Callable[..., Any], database_url: str) -> None:
     from fastapi import Depends, HTTPException, Query
 
-    from relay import admin
+    from outbox.relay import admin
 
     def utc(moment: datetime | None) -> datetime | None:
         return moment.replace(tzinfo=UTC) if moment and moment.tzinfo is None else moment

@@ -32,10 +32,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from outbox.envelope import Envelope
-from relay.seams import Backlog, PublishResult, Verdict
+from outbox.relay.seams import Backlog, PublishResult, Verdict
 
 if TYPE_CHECKING:
-    from relay.relay import Relay
+    from outbox.relay.relay import Relay
 
 #: Seconds from an event's `created_at` to the broker's ack.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)

@@ -31,9 +31,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from outbox.envelope import Envelope
-from relay.logs import relay_logger
-from relay.retry import RetryPolicy
-from relay.seams import HELD_BACK, Dead, Failure, PublishResult, Retry, Verdict
+from outbox.relay.logs import relay_logger
+from outbox.relay.retry import RetryPolicy
+from outbox.relay.seams import HELD_BACK, Dead, Failure, PublishResult, Retry, Verdict
 
 log = relay_logger("relay")
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from outbox.envelope import Envelope
-from relay.floor import ClaimFloor
-from relay.logs import relay_logger
-from relay.metrics import RelayMetrics
-from relay.ordering import KeyGate, PoisonPolicy, Settlement, sort_results
-from relay.retry import CircuitBreaker, PollPacer, RetryPolicy
-from relay.seams import (
+from outbox.relay.floor import ClaimFloor
+from outbox.relay.logs import relay_logger
+from outbox.relay.metrics import RelayMetrics
+from outbox.relay.ordering import KeyGate, PoisonPolicy, Settlement, sort_results
+from outbox.relay.retry import CircuitBreaker, PollPacer, RetryPolicy
+from outbox.relay.seams import (
     BrokerUnavailableError,
     Claim,
     Dead,

@@ -18,10 +18,10 @@ from typing import Any
 
 import asyncpg
 
+from outbox.relay.sql import QUERIES
+from outbox.relay.stores.postgres import CONNECTION_ERRORS, PLANNER_SETTINGS
 from outbox.urls import asyncpg_dsn
 from outbox.validation import BUCKETS
-from relay.sql import QUERIES
-from relay.stores.postgres import CONNECTION_ERRORS, PLANNER_SETTINGS
 
 #: Rows a count reads at most, unless exact.
 COUNT_CAP = 10_000

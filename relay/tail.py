@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from outbox.envelope import Envelope
+from outbox.relay.seams import ConfigurationError
+from outbox.relay.settings import RelaySettings
 from outbox.urls import redact
-from relay.seams import ConfigurationError
-from relay.settings import RelaySettings
 
 #: How long one read waits before it looks at the stop event again.
 POLL_SECONDS = 0.5
@@ -87,7 +87,7 @@ async def _kafka(
 ) -> AsyncIterator[Envelope | str]:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from relay.factory import kafka_security
+    from outbox.relay.factory import kafka_security
 
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,

@@ -10,8 +10,8 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from outbox.envelope import Envelope
-from relay.ordering import KeyGate
-from relay.seams import HELD_BACK, Failure, Publisher, PublishResult, Verdict
+from outbox.relay.ordering import KeyGate
+from outbox.relay.seams import HELD_BACK, Failure, Publisher, PublishResult, Verdict
 
 #: Decides, per event, whether it fails this time (a Failure) or goes to the real publisher.
 Fault = Callable[[Envelope], Failure | None]

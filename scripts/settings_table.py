@@ -15,8 +15,8 @@ import annotated_types
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from relay.cli import run
-from relay.settings import RelaySettings
+from outbox.relay.cli import run
+from outbox.relay.settings import RelaySettings
 
 BOUNDS = (
     (annotated_types.Gt, "gt", ">"),

@@ -65,7 +65,7 @@ async def _admin(server_url: str, *statements: str) -> None:
 def template_database(server_url: str) -> Iterator[str]:
     """A database migrated to head once per session (own name: sessions may run side by
     side); each test clones it."""
-    from relay import migrate
+    from outbox.relay import migrate
 
     name = f"outbox_test_template_{os.getpid()}"
 

@@ -17,9 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 
 from outbox import DeadLetter, OutboxEvent
 from outbox.envelope import Envelope
+from outbox.relay.seams import BrokerUnavailableError, Claim, PublishResult
+from outbox.relay.stores.sqlite import SqliteStore, create_schema
 from outbox.urls import sqlalchemy_async_url
-from relay.seams import BrokerUnavailableError, Claim, PublishResult
-from relay.stores.sqlite import SqliteStore, create_schema
 
 
 class FakeClock:

@@ -19,11 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from outbox import OutboxEvent
 from outbox.envelope import Envelope
+from outbox.relay.relay import Relay
+from outbox.relay.retry import RetryPolicy
+from outbox.relay.seams import Publisher
+from outbox.relay.stores.postgres import PostgresStore
 from outbox.urls import sqlalchemy_async_url
-from relay.relay import Relay
-from relay.retry import RetryPolicy
-from relay.seams import Publisher
-from relay.stores.postgres import PostgresStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -197,7 +197,7 @@ def relay_process(
     """The real `outbox-relay run` CLI in a child process; `env`: more variables."""
     environ = os.environ | {"OUTBOX_DATABASE_URL": database_url, "OUTBOX_LOG_FORMAT": "json"}
     return subprocess.Popen(
-        [sys.executable, "-m", "relay.cli", "run", *args],
+        [sys.executable, "-m", "outbox.relay.cli", "run", *args],
         env=environ | dict(env or {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

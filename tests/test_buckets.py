@@ -16,10 +16,10 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from outbox import OutboxEvent, enqueue, uuid7
+from outbox.relay import migrate
+from outbox.relay.publishers.redis import RedisPublisher
+from outbox.relay.testing import FaultInjector
 from outbox.urls import asyncpg_dsn, sqlalchemy_async_url
-from relay import migrate
-from relay.publishers.redis import RedisPublisher
-from relay.testing import FaultInjector
 from tests.helpers import ROOT, assert_per_key_order, pg_relay, read_stream
 
 pytestmark = pytest.mark.postgres

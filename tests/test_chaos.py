@@ -172,7 +172,7 @@ class Fleet:
         }
         with open(self.logs / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "relay.cli", "run", *self.args, "--relay-id", name],
+                [sys.executable, "-m", "outbox.relay.cli", "run", *self.args, "--relay-id", name],
                 env=env,
                 cwd=ROOT,
                 stdin=subprocess.DEVNULL,

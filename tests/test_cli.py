@@ -79,7 +79,7 @@ async def test_dlq_list_escapes_tabs_and_newlines(
 
 @pytest.mark.postgres
 async def test_migrate_says_which_revision_it_is_at(empty_database_url: str) -> None:
-    from relay.migrate import head_revision
+    from outbox.relay.migrate import head_revision
 
     up = await asyncio.to_thread(cli, "migrate", OUTBOX_DATABASE_URL=empty_database_url)
     assert (up.returncode, up.stderr) == (0, "")

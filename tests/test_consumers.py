@@ -23,8 +23,8 @@ import redis.asyncio as aioredis
 
 from outbox import Envelope
 from outbox.envelope import MODES, Encoder, EnvelopeMode
-from relay.publishers.kafka import KafkaPublisher
-from relay.publishers.redis import RedisPublisher
+from outbox.relay.publishers.kafka import KafkaPublisher
+from outbox.relay.publishers.redis import RedisPublisher
 from tests.helpers import commit_events, pg_relay, relay_process
 from tests.test_envelopes import SOURCE, sample_events
 

@@ -26,9 +26,9 @@ from outbox import (
     enqueue,
 )
 from outbox.envelope import Encoder
+from outbox.relay.publishers.kafka import KafkaPublisher
+from outbox.relay.settings import RelaySettings
 from outbox.urls import sqlalchemy_async_url
-from relay.publishers.kafka import KafkaPublisher
-from relay.settings import RelaySettings
 from tests.helpers import pg_relay, read_stream
 from tests.test_envelopes import read_records
 from tests.test_fastapi import create_app

@@ -13,10 +13,10 @@ import asyncpg
 import pytest
 
 from outbox import Envelope, OutboxEvent
-from relay.publishers.kafka import KafkaPublisher
-from relay.publishers.redis import RedisPublisher
-from relay.retry import CircuitBreaker, RetryPolicy
-from relay.testing import FaultInjector
+from outbox.relay.publishers.kafka import KafkaPublisher
+from outbox.relay.publishers.redis import RedisPublisher
+from outbox.relay.retry import CircuitBreaker, RetryPolicy
+from outbox.relay.testing import FaultInjector
 from tests.helpers import (
     assert_per_key_order,
     commit_events,
@@ -223,7 +223,7 @@ async def test_per_key_order_with_three_relays_and_injected_failures(
 async def test_fencing_a_relay_that_lost_its_lease_changes_nothing(
     database_url: str, redis_url: str, topic: str, pg: asyncpg.Connection
 ) -> None:
-    from relay.stores.postgres import PostgresStore
+    from outbox.relay.stores.postgres import PostgresStore
 
     await commit_events(database_url, keyed_events(topic, keys=4, per_key=2))
     store = PostgresStore(database_url, lease_seconds=30)

@@ -48,7 +48,7 @@ def run_demo(tmpdir: Path, *args: str) -> Run:
     env = {**os.environ, "TMPDIR": str(tmpdir)}
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "relay.cli", "demo", *args],
+        [sys.executable, "-m", "outbox.relay.cli", "demo", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -30,7 +30,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.admin import (
+from outbox.relay.admin import (
     DOCUMENT_FIELDS,
     FILTERED,
     ChainError,
@@ -39,8 +39,8 @@ from relay.admin import (
     purge_dead_letters,
     replay_dead_letters,
 )
-from relay.cli import cli, parse_time
-from relay.sql import QUERIES
+from outbox.relay.cli import cli, parse_time
+from outbox.relay.sql import QUERIES
 from tests.test_schema import outbox_cli
 
 pytestmark = pytest.mark.postgres

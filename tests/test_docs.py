@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from relay.sql import QUERIES
+from outbox.relay.sql import QUERIES
 from tests.test_cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,7 +122,7 @@ def test_the_sample_report_has_the_renderers_lines() -> None:
     """The sample in operations.md shows the lines `status` prints, in its order."""
     from datetime import UTC, datetime, timedelta
 
-    from relay import status as s
+    from outbox.relay import status as s
 
     now = datetime.now(UTC)
     event = s.EventInfo(1, uuid.uuid4(), "orders", "k", now, now, 0, 2.0, 2.0)

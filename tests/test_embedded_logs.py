@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent(
     """
     import structlog
 
-    from relay.relay import log as relay_log  # a batch logs `batch_claimed` at debug
+    from outbox.relay.relay import log as relay_log  # a batch logs `batch_claimed` at debug
 
     app_log = structlog.get_logger("app")
     relay_log.debug("relay_debug_unconfigured")

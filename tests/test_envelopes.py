@@ -25,10 +25,10 @@ from pydantic import ValidationError
 
 from outbox import OutboxEvent
 from outbox.envelope import MODES, Encoder, Envelope, EnvelopeMode, kafka_timestamp
-from relay.factory import build_relay
-from relay.publishers.kafka import KafkaPublisher
-from relay.publishers.redis import RedisPublisher
-from relay.settings import RelaySettings, default_source
+from outbox.relay.factory import build_relay
+from outbox.relay.publishers.kafka import KafkaPublisher
+from outbox.relay.publishers.redis import RedisPublisher
+from outbox.relay.settings import RelaySettings, default_source
 from tests.helpers import commit_events, pg_relay
 from tests.test_cli import cli
 

@@ -16,12 +16,12 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from outbox.envelope import Envelope
+from outbox.relay.fastapi import outbox_lifespan, outbox_router
+from outbox.relay.relay import Relay
+from outbox.relay.seams import PublishResult
+from outbox.relay.settings import RelaySettings
+from outbox.relay.stores.sqlite import SqliteStore
 from outbox.urls import asyncpg_dsn
-from relay.fastapi import outbox_lifespan, outbox_router
-from relay.relay import Relay
-from relay.seams import PublishResult
-from relay.settings import RelaySettings
-from relay.stores.sqlite import SqliteStore
 from tests.fakes import FakeClock, OutboxDb, RecordingPublisher
 from tests.helpers import eventually, free_port
 
@@ -279,7 +279,7 @@ async def test_dead_letter_endpoints_are_read_only_and_behind_the_given_auth(
 ) -> None:
     from fastapi import Header, HTTPException
 
-    from relay.fastapi import outbox_router
+    from outbox.relay.fastapi import outbox_router
 
     def operators_only(x_token: str | None = Header(None)) -> None:
         if x_token != "s3cret":

@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from outbox.relay.floor import ClaimFloor, Horizon
+from outbox.relay.relay import Relay
+from outbox.relay.sql import QUERIES
+from outbox.relay.stores.postgres import PLANNER_SETTINGS, PostgresStore
 from outbox.urls import asyncpg_dsn
-from relay.floor import ClaimFloor, Horizon
-from relay.relay import Relay
-from relay.sql import QUERIES
-from relay.stores.postgres import PLANNER_SETTINGS, PostgresStore
 from tests.fakes import RecordingPublisher
 from tests.helpers import eventually
 

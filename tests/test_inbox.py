@@ -25,9 +25,9 @@ from sqlalchemy.ext.asyncio import (
 from outbox import OutboxEvent, OutboxValidationError, inbox
 from outbox.envelope import Encoder
 from outbox.models import InboxEntry, metadata
+from outbox.relay.publishers.kafka import KafkaPublisher
+from outbox.relay.publishers.redis import RedisPublisher
 from outbox.urls import sqlalchemy_async_url
-from relay.publishers.kafka import KafkaPublisher
-from relay.publishers.redis import RedisPublisher
 from tests.helpers import commit_events, eventually, pg_relay
 from tests.test_consumers import load_example
 

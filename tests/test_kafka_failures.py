@@ -28,9 +28,9 @@ from aiokafka.protocol.metadata import MetadataRequest
 
 from outbox import OutboxEvent
 from outbox.envelope import Envelope
-from relay.ordering import hold_back_after_failures
-from relay.publishers.kafka import KafkaPublisher
-from relay.publishers.kafka_errors import (
+from outbox.relay.ordering import hold_back_after_failures
+from outbox.relay.publishers.kafka import KafkaPublisher
+from outbox.relay.publishers.kafka_errors import (
     KINDS,
     Kind,
     ProducerAborted,
@@ -38,7 +38,7 @@ from relay.publishers.kafka_errors import (
     classify,
     kind_of,
 )
-from relay.seams import HELD_BACK, BrokerUnavailableError, Failure, PublishResult, Verdict
+from outbox.relay.seams import HELD_BACK, BrokerUnavailableError, Failure, PublishResult, Verdict
 from tests.helpers import (
     assert_per_key_order,
     commit_events,

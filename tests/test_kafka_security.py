@@ -27,12 +27,12 @@ from pydantic import ValidationError
 
 from outbox import OutboxEvent
 from outbox.envelope import Envelope
+from outbox.relay.factory import build_publisher, build_relay, kafka_security
+from outbox.relay.publishers.kafka import KafkaPublisher
+from outbox.relay.publishers.kafka_security import KafkaSecurity, configuration_problem
+from outbox.relay.seams import BrokerUnavailableError, ConfigurationError
+from outbox.relay.settings import RelaySettings
 from outbox.urls import redact_text
-from relay.factory import build_publisher, build_relay, kafka_security
-from relay.publishers.kafka import KafkaPublisher
-from relay.publishers.kafka_security import KafkaSecurity, configuration_problem
-from relay.seams import BrokerUnavailableError, ConfigurationError
-from relay.settings import RelaySettings
 from tests.helpers import ROOT, commit_events, create_topic, read_topic, relay_process
 from tests.kafka_broker import KafkaBroker, free_port_run, kafka_available
 from tests.test_schema import outbox_cli

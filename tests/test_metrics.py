@@ -21,12 +21,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from outbox import OutboxEvent
+from outbox.relay.metrics import relay_registry
+from outbox.relay.relay import Relay
+from outbox.relay.retry import RetryPolicy
+from outbox.relay.seams import Backlog
+from outbox.relay.testing import FaultInjector
 from outbox.urls import async_engine, asyncpg_dsn
-from relay.metrics import relay_registry
-from relay.relay import Relay
-from relay.retry import RetryPolicy
-from relay.seams import Backlog
-from relay.testing import FaultInjector
 from tests.fakes import OutboxDb, RecordingPublisher
 from tests.helpers import ROOT, create_topic, eventually, free_port, relay_process
 
@@ -110,7 +110,7 @@ def test_stdlib_records_are_json_lines_with_their_logger_and_redacted() -> None:
     """In a process of its own: configure_logging() sets up structlog for the whole process."""
     script = (
         "import logging\n"
-        "from relay.logs import configure_logging\n"
+        "from outbox.relay.logs import configure_logging\n"
         "configure_logging('json', 'info')\n"
         "configure_logging('json', 'info')  # reconfiguring does not add a second handler\n"
         "logging.getLogger('aiokafka.conn').error("
@@ -205,7 +205,7 @@ async def test_cli_relay_serves_metrics_and_logs_only_json(
             [
                 sys.executable,
                 "-m",
-                "relay.cli",
+                "outbox.relay.cli",
                 "run",
                 "--metrics-host=127.0.0.1",
                 f"--metrics-port={taken.getsockname()[1]}",
@@ -260,7 +260,7 @@ async def test_docs_list_exactly_the_metrics_and_the_alerts_use_real_ones(db: Ou
 async def test_backlog_shows_the_transaction_that_holds_cleanup_back(
     database_url: str, hold: str
 ) -> None:
-    from relay.stores.postgres import PostgresStore
+    from outbox.relay.stores.postgres import PostgresStore
 
     store = PostgresStore(database_url)
     await store.start("backlog-test")

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from outbox.envelope import Envelope
-from relay.ordering import PoisonPolicy, sort_results
-from relay.retry import RetryPolicy
-from relay.seams import HELD_BACK, Failure, PublishResult, Verdict
+from outbox.relay.ordering import PoisonPolicy, sort_results
+from outbox.relay.retry import RetryPolicy
+from outbox.relay.seams import HELD_BACK, Failure, PublishResult, Verdict
 
 pytestmark = pytest.mark.unit
 

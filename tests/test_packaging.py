@@ -39,11 +39,13 @@ def test_wheel_ships_migrations_queries_and_types(tmp_path: Path) -> None:
         "outbox/migrations/versions/0001_initial.py",
         "outbox/migrations/versions/0002_notify_setting.py",
         "outbox/migrations/versions/0005_notify_debounce.py",
-        "relay/queries.sql",
+        "outbox/relay/queries.sql",
         "outbox/py.typed",
-        "relay/py.typed",
+        "outbox/relay/py.typed",
     ):
         assert expected in names, f"{expected} missing from {wheel.name}"
-    assert not any(n.startswith(("tests/", "bench/", "migrations/")) for n in names)
+    assert not any(n.startswith(("tests/", "bench/", "migrations/", "relay/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "outbox-relay = relay.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert (
+        "outbox-relay = outbox.relay.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    )

@@ -28,9 +28,9 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from outbox import OutboxEvent
 from outbox.envelope import Envelope
-from relay.publishers.kafka import KafkaPublisher
-from relay.publishers.redis import RedisPublisher
-from relay.relay import Relay
+from outbox.relay.publishers.kafka import KafkaPublisher
+from outbox.relay.publishers.redis import RedisPublisher
+from outbox.relay.relay import Relay
 from tests.helpers import (
     commit_events,
     create_topic,

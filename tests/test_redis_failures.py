@@ -34,9 +34,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from outbox import OutboxEvent
 from outbox.envelope import Envelope
-from relay.publishers.redis import RedisPublisher, classify, segments
-from relay.retry import CircuitBreaker
-from relay.seams import (
+from outbox.relay.publishers.redis import RedisPublisher, classify, segments
+from outbox.relay.retry import CircuitBreaker
+from outbox.relay.seams import (
     HELD_BACK,
     BrokerUnavailableError,
     ConfigurationError,

@@ -12,12 +12,12 @@ import structlog.testing
 
 from outbox import OutboxEvent
 from outbox.envelope import Envelope
-from relay.ordering import PoisonPolicy
-from relay.relay import Relay, RelayStats
-from relay.retry import CircuitBreaker, PollPacer, RetryPolicy
-from relay.seams import Claim, Failure, PublishResult, StoreUnavailableError, Verdict
-from relay.stores.sqlite import SqliteStore
-from relay.testing import FaultInjector
+from outbox.relay.ordering import PoisonPolicy
+from outbox.relay.relay import Relay, RelayStats
+from outbox.relay.retry import CircuitBreaker, PollPacer, RetryPolicy
+from outbox.relay.seams import Claim, Failure, PublishResult, StoreUnavailableError, Verdict
+from outbox.relay.stores.sqlite import SqliteStore
+from outbox.relay.testing import FaultInjector
 from tests.fakes import FakeClock, OutboxDb, RecordingPublisher, TrackedSqliteStore
 
 pytestmark = pytest.mark.unit

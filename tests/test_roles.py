@@ -28,8 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from outbox import OutboxEvent, enqueue, inbox
 from outbox.envelope import Envelope
+from outbox.relay.seams import Failure, PublishResult, Verdict
 from outbox.urls import asyncpg_dsn, sqlalchemy_async_url
-from relay.seams import Failure, PublishResult, Verdict
 from tests.conftest import fresh_database
 from tests.fakes import RecordingPublisher
 from tests.helpers import ROOT, eventually, pg_relay, relay_process

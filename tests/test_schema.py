@@ -17,10 +17,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from outbox import OutboxEvent, enqueue, metadata
 from outbox.enqueue import INSERT_EVENT_SQL
+from outbox.relay import migrate
+from outbox.relay.sql import QUERIES
+from outbox.relay.stores.postgres import PLANNER_SETTINGS
 from outbox.urls import asyncpg_dsn, sqlalchemy_async_url
-from relay import migrate
-from relay.sql import QUERIES
-from relay.stores.postgres import PLANNER_SETTINGS
 
 pytestmark = pytest.mark.postgres
 
@@ -245,7 +245,7 @@ async def test_claim_is_an_index_scan_whatever_waits(database_url: str, waiting:
 
 def outbox_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "relay.cli", *args],
+        [sys.executable, "-m", "outbox.relay.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,

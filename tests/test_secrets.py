@@ -66,8 +66,8 @@ def test_log_lines_are_redacted_too() -> None:
 
     import structlog
 
+    from outbox.relay.logs import configure_logging
     from outbox.urls import register_secret
-    from relay.logs import configure_logging
 
     register_secret(f"postgresql://u:{PASSWORD}@h/db")
     stream = io.StringIO()

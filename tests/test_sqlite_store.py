@@ -15,11 +15,10 @@ from sqlalchemy.orm import Session
 
 from outbox import BUCKETS, DeadLetter, OutboxEvent, OutboxValidationError
 from outbox.envelope import Envelope
-from outbox.urls import sqlalchemy_async_url
-from relay.ordering import PoisonPolicy
-from relay.relay import Relay, RelayStats
-from relay.retry import RetryPolicy
-from relay.seams import (
+from outbox.relay.ordering import PoisonPolicy
+from outbox.relay.relay import Relay, RelayStats
+from outbox.relay.retry import RetryPolicy
+from outbox.relay.seams import (
     HELD_BACK,
     Claim,
     Dead,
@@ -29,7 +28,8 @@ from relay.seams import (
     StoreUnavailableError,
     Verdict,
 )
-from relay.stores.sqlite import SqliteStore, create_schema
+from outbox.relay.stores.sqlite import SqliteStore, create_schema
+from outbox.urls import sqlalchemy_async_url
 from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.unit

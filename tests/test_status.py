@@ -14,9 +14,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from relay import status
-from relay.publishers.stdout import JsonLinesPublisher
-from relay.sql import QUERIES
+from outbox.relay import status
+from outbox.relay.publishers.stdout import JsonLinesPublisher
+from outbox.relay.sql import QUERIES
 from tests.helpers import pg_relay
 from tests.test_cli import cli
 

@@ -17,14 +17,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from outbox import DeadLetter, OutboxEvent, OutboxValidationError, enqueue
 from outbox.envelope import Envelope
+from outbox.relay.ordering import PoisonPolicy
+from outbox.relay.relay import Relay
+from outbox.relay.retry import RetryPolicy
+from outbox.relay.seams import Dead, Retry, Store
+from outbox.relay.stores.postgres import PostgresStore
+from outbox.relay.stores.sqlite import SqliteStore, create_schema
+from outbox.relay.testing import FaultInjector
 from outbox.urls import sqlalchemy_async_url
-from relay.ordering import PoisonPolicy
-from relay.relay import Relay
-from relay.retry import RetryPolicy
-from relay.seams import Dead, Retry, Store
-from relay.stores.postgres import PostgresStore
-from relay.stores.sqlite import SqliteStore, create_schema
-from relay.testing import FaultInjector
 from tests.fakes import RecordingPublisher
 
 

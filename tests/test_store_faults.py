@@ -11,8 +11,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from outbox.relay.retry import CircuitBreaker
 from outbox.urls import asyncpg_dsn
-from relay.retry import CircuitBreaker
 from tests.fakes import RecordingPublisher
 from tests.helpers import (
     assert_per_key_order,

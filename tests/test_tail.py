@@ -15,9 +15,9 @@ from typing import IO, Any
 import pytest
 
 from outbox.envelope import MODES, Encoder, Envelope, EnvelopeMode
-from relay.publishers.kafka import KafkaPublisher
-from relay.publishers.redis import RedisPublisher
-from relay.seams import Publisher
+from outbox.relay.publishers.kafka import KafkaPublisher
+from outbox.relay.publishers.redis import RedisPublisher
+from outbox.relay.seams import Publisher
 from tests.test_cli import cli
 
 
@@ -101,7 +101,7 @@ def test_tail_from_now_prints_new_events_and_stops_on_sigint(
     asyncio.run(publish(name, url, [old], "plain"))  # before tail starts: not shown
     environ = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "relay.cli", "tail", topic],
+        [sys.executable, "-m", "outbox.relay.cli", "tail", topic],
         env=environ | broker_env(name, url),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

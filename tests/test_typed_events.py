@@ -24,9 +24,9 @@ from outbox import (
 )
 from outbox.consume import parse
 from outbox.envelope import MODES, Encoder, EnvelopeMode
+from outbox.relay.publishers.kafka import KafkaPublisher
+from outbox.relay.publishers.redis import RedisPublisher
 from outbox.urls import sqlalchemy_async_url
-from relay.publishers.kafka import KafkaPublisher
-from relay.publishers.redis import RedisPublisher
 from tests.helpers import pg_relay, read_stream, read_topic
 from tests.test_consumers import load_example
 from tests.test_envelopes import read_records

@@ -49,9 +49,9 @@ from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from outbox.envelope import Encoder, Envelope, kafka_timestamp
-from relay.logs import relay_logger
-from relay.ordering import KeyGate, hold_back_after_failures
-from relay.publishers.kafka_errors import (
+from outbox.relay.logs import relay_logger
+from outbox.relay.ordering import KeyGate, hold_back_after_failures
+from outbox.relay.publishers.kafka_errors import (
     Kind,
     ProducerAborted,
     classify,
@@ -59,8 +59,8 @@ from relay.publishers.kafka_errors import (
     kind_of,
     quiet_aiokafka_logs,
 )
-from relay.publishers.kafka_security import CONNECTION_OPTIONS, configuration_problem
-from relay.seams import (
+from outbox.relay.publishers.kafka_security import CONNECTION_OPTIONS, configuration_problem
+from outbox.relay.seams import (
     HELD_BACK,
     BrokerUnavailableError,
     ConfigurationError,

@@ -9,7 +9,7 @@ import time
 
 from aiokafka import errors as ke
 
-from relay.seams import BrokerUnavailableError, Failure, Verdict
+from outbox.relay.seams import BrokerUnavailableError, Failure, Verdict
 
 # -- classification --------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from aiokafka import errors as ke
 
-from relay.seams import ConfigurationError
+from outbox.relay.seams import ConfigurationError
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]

@@ -81,10 +81,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from outbox.envelope import Encoder, Envelope
-from outbox.urls import redact
-from relay.logs import relay_logger
-from relay.ordering import KeyGate
-from relay.seams import (
+from outbox.relay.logs import relay_logger
+from outbox.relay.ordering import KeyGate
+from outbox.relay.seams import (
     HELD_BACK,
     BrokerUnavailableError,
     ConfigurationError,
@@ -92,6 +91,7 @@ from relay.seams import (
     PublishResult,
     Verdict,
 )
+from outbox.urls import redact
 
 log = relay_logger("relay.redis")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import IO
 
 from outbox.envelope import Envelope
-from relay.seams import PublishResult
+from outbox.relay.seams import PublishResult
 
 
 def to_json_line(event: Envelope) -> str:

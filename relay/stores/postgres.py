@@ -13,12 +13,12 @@ from typing import Any
 import asyncpg
 
 from outbox.envelope import Envelope
+from outbox.relay.floor import Horizon
+from outbox.relay.logs import relay_logger
+from outbox.relay.seams import Backlog, Claim, Dead, Retry, StoreUnavailableError, park
+from outbox.relay.sql import QUERIES
 from outbox.urls import asyncpg_dsn, redact
 from outbox.validation import BUCKETS
-from relay.floor import Horizon
-from relay.logs import relay_logger
-from relay.seams import Backlog, Claim, Dead, Retry, StoreUnavailableError, park
-from relay.sql import QUERIES
 
 log = relay_logger("relay.store")
 

@@ -34,9 +34,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from outbox.envelope import Envelope
 from outbox.models import metadata
+from outbox.relay.seams import Backlog, Claim, Dead, Retry, StoreUnavailableError, park
 from outbox.urls import is_sqlite, redact, sqlalchemy_async_url
 from outbox.validation import BUCKETS
-from relay.seams import Backlog, Claim, Dead, Retry, StoreUnavailableError, park
 
 # -- SQL ---------------------------------------------------------------------------------------
 # Named parameters (:now, ...) are bound by sqlite3. Times are naive UTC text (see above).
@@ -208,7 +208,7 @@ class SqliteStore:
             # Opening would silently create an empty database.
             raise FileNotFoundError(
                 f"{self.path}: no such SQLite database (create it with "
-                "relay.stores.sqlite.create_schema)"
+                "outbox.relay.stores.sqlite.create_schema)"
             )
         try:
             # mode=rw: never create the file; isolation_level=None: we issue BEGIN ourselves.
@@ -230,7 +230,7 @@ class SqliteStore:
             await conn.close()
             raise RuntimeError(
                 f"{self.path}: the outbox tables are missing (create them with "
-                "relay.stores.sqlite.create_schema)"
+                "outbox.relay.stores.sqlite.create_schema)"
             )
         self._conn = conn
 
