@@ -10,11 +10,13 @@ COPY pyproject.toml README.md ./
 COPY outbox ./outbox
 COPY relay ./relay
 COPY migrations ./migrations
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The relay with both brokers; the runtime stage installs these wheels only (--no-index).
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[kafka,redis]" \
+    && echo "outbox[kafka,redis]" > /wheels/requirements.txt
 
 FROM python:3.12-slim
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl \
+RUN pip install --no-cache-dir --no-index --find-links /wheels -r /wheels/requirements.txt \
     && rm -rf /wheels \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin relay
 USER 10001

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import enum
 import json
+import sys
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, overload
 
-import asyncpg
 from pydantic import BaseModel
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -117,7 +117,8 @@ async def enqueue(
     driver = (await connection.get_raw_connection()).driver_connection
     # SQLAlchemy's asyncpg adapter sends BEGIN with its first statement: until then the driver
     # is outside the transaction, and the Core INSERT below, not the driver, must begin it.
-    if isinstance(driver, asyncpg.Connection) and driver.is_in_transaction():
+    asyncpg = sys.modules.get("asyncpg")  # loaded already if this session runs on it
+    if asyncpg and isinstance(driver, asyncpg.Connection) and driver.is_in_transaction():
         await driver.execute(
             INSERT_EVENT_SQL,
             event_id,

@@ -87,6 +87,8 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         fail("interrupted", 130)
     except ConfigurationError as exc:
         fail(redact_text(str(exc)), 2)
+    except ModuleNotFoundError:
+        raise  # a missing extra: outbox-relay's main names it (relay/__main__.py)
     except Exception as exc:  # noqa: BLE001 - one line on stderr, never a traceback
         fail(one_line(exc), 1)
 

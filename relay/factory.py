@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from pydantic import SecretStr
 
 from outbox.envelope import Encoder
+from outbox.extras import requires_extra
 from outbox.relay.ordering import PoisonPolicy
 from outbox.relay.publishers.stdout import JsonLinesPublisher
 from outbox.relay.relay import Relay
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
 
 def build_store(settings: RelaySettings) -> Store:
     if is_sqlite(settings.database_url):
-        from outbox.relay.stores.sqlite import SqliteStore
+        with requires_extra("database_url=sqlite://"):
+            from outbox.relay.stores.sqlite import SqliteStore
 
         return SqliteStore(settings.database_url, max_batch_bytes=settings.max_batch_bytes)
     from outbox.relay.stores.postgres import PostgresStore
@@ -36,7 +38,8 @@ def build_store(settings: RelaySettings) -> Store:
 
 def build_publisher(settings: RelaySettings) -> Publisher:
     if settings.broker == "kafka":
-        from outbox.relay.publishers.kafka import KafkaPublisher
+        with requires_extra("broker=kafka"):
+            from outbox.relay.publishers.kafka import KafkaPublisher
 
         return KafkaPublisher(
             settings.kafka_bootstrap,
@@ -45,7 +48,8 @@ def build_publisher(settings: RelaySettings) -> Publisher:
             **kafka_security(settings).producer_options(),
         )
     if settings.broker == "redis":
-        from outbox.relay.publishers.redis import RedisPublisher
+        with requires_extra("broker=redis"):
+            from outbox.relay.publishers.redis import RedisPublisher
 
         return RedisPublisher(
             settings.redis_url,

@@ -16,12 +16,15 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from outbox.relay.factory import build_relay
-from outbox.relay.logs import relay_logger
-from outbox.relay.relay import Relay
-from outbox.relay.retry import CircuitBreaker
-from outbox.relay.settings import RelaySettings
+from outbox.extras import requires_extra
 from outbox.urls import redact_text
+
+with requires_extra("outbox.relay.fastapi"):
+    from outbox.relay.factory import build_relay
+    from outbox.relay.logs import relay_logger
+    from outbox.relay.relay import Relay
+    from outbox.relay.retry import CircuitBreaker
+    from outbox.relay.settings import RelaySettings
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -198,9 +201,10 @@ def outbox_router(
     Mind what a readiness probe does: an API pod that fails it gets no traffic. For a relay
     embedded in an API, probe `/health/ready` from monitoring rather than from the pod's
     readinessProbe, unless you want the API out of rotation while the broker is down."""
-    from fastapi import APIRouter, Response
-    from fastapi.responses import JSONResponse
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    with requires_extra("outbox_router"):
+        from fastapi import APIRouter, Response
+        from fastapi.responses import JSONResponse
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     from outbox.relay.metrics import relay_registry
 

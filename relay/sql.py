@@ -18,4 +18,4 @@ def _parse(text: str) -> dict[str, str]:
     return queries
 
 
-QUERIES = MappingProxyType(_parse(files("relay").joinpath("queries.sql").read_text("utf-8")))
+QUERIES = MappingProxyType(_parse(files("outbox.relay").joinpath("queries.sql").read_text("utf-8")))

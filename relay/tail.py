@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from outbox.envelope import Envelope
+from outbox.extras import requires_extra
 from outbox.relay.seams import ConfigurationError
 from outbox.relay.settings import RelaySettings
 from outbox.urls import redact
@@ -85,7 +86,8 @@ async def _kafka(
     stop: asyncio.Event,
     ready: Callable[[str], None],
 ) -> AsyncIterator[Envelope | str]:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    with requires_extra("broker=kafka"):
+        from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from outbox.relay.factory import kafka_security
 
@@ -126,7 +128,8 @@ async def _redis(
     stop: asyncio.Event,
     ready: Callable[[str], None],
 ) -> AsyncIterator[Envelope | str]:
-    import redis.asyncio as aioredis
+    with requires_extra("broker=redis"):
+        import redis.asyncio as aioredis
 
     # Any: redis-py's annotations of xread/xrevrange cover every protocol version at once.
     try:

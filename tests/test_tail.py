@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import IO, Any
 
 import pytest
@@ -19,6 +20,8 @@ from outbox.relay.publishers.kafka import KafkaPublisher
 from outbox.relay.publishers.redis import RedisPublisher
 from outbox.relay.seams import Publisher
 from tests.test_cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def event(topic: str, seq: int = 7) -> Envelope:
@@ -144,3 +147,34 @@ def test_tail_bad_input_is_one_line(args: tuple[str, ...], env: dict[str, Any], 
     assert done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("outbox-relay: error: ")
     assert named in done.stderr
+
+
+def test_the_tail_commands_of_the_operations_doc_run(kafka_bootstrap: str, redis_url: str) -> None:
+    """Each line of docs/operations.md's tail block, as written, on a topic prefix of its own."""
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    block = doc.split("<!-- tail:start -->", 1)[1].split("<!-- tail:end -->", 1)[0]
+    commands = [c.split("#")[0].split() for c in block.splitlines() if c.startswith("outbox-relay")]
+    assert len(commands) == 2
+    for command in commands:
+        prefix = f"doc-{uuid.uuid4().hex[:8]}."
+        broker = command[command.index("--broker") + 1] if "--broker" in command else "kafka"
+        url = kafka_bootstrap if broker == "kafka" else redis_url
+        events = [event(prefix + command[2], seq) for seq in range(1, 11)]
+        asyncio.run(publish(broker, url, events, "plain"))
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+        done = subprocess.run(
+            [sys.executable, "-m", "outbox.relay", *command[1:]],
+            env=environ
+            | broker_env("kafka", kafka_bootstrap)
+            | {"OUTBOX_TOPIC_PREFIX": prefix}
+            | {"OUTBOX_REDIS_URL": redis_url, "OUTBOX_BROKER": "kafka"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        if "--json" in command:
+            assert [json.loads(line)["seq"] for line in lines] == list(range(1, 11))
+        else:
+            assert [line.split()[1] for line in lines] == [f"seq={n}" for n in range(1, 11)]
