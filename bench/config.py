@@ -140,7 +140,9 @@ def with_overrides(
 class Targets:
     kafka_drain: float = 20_000
     redis_drain: float = 40_000
-    naive_ratio: float = 0.9
+    #: One relay vs the naive floor and the lean ceiling (bench/lean_relay.py), same run.
+    naive_ratio: float = 1.5
+    lean_ratio: float = 0.85
     faststream_ratio: float = 5.0
     latency_rate: int = 1_000
     p50_ms: float = 8.0

@@ -75,15 +75,23 @@ async def run(
     redis_url: str,
     until_empty: bool,
     stop: asyncio.Event | None = None,
+    lean: bool = False,
 ) -> int:
-    """Relay until the table is empty (`until_empty`) or `stop` is set; returns rows published."""
+    """Relay until the table is empty (`until_empty`) or `stop` is set; returns rows published.
+    `lean`: the lean ceiling's transport instead (bench/lean_relay.py), same claim and delete."""
+    from bench import lean_relay
+
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     client = aioredis.Redis.from_url(redis_url)
+    raw = await lean_relay.RawRedis.connect(redis_url) if lean and broker == "redis" else None
     producer: AIOKafkaProducer | None = None
     if broker == "kafka":
         producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=0)
         await producer.start()
-    publish = kafka_publisher(producer) if producer is not None else redis_publisher(client)
+    if producer is not None:
+        publish = (lean_relay.kafka_publisher if lean else kafka_publisher)(producer)
+    else:
+        publish = lean_relay.redis_publisher(raw) if raw else redis_publisher(client)
     total = 0
     try:
         while stop is None or not stop.is_set():
@@ -97,6 +105,8 @@ async def run(
         if producer is not None:
             await producer.stop()
         await client.aclose()
+        if raw is not None:
+            await raw.close()
         await conn.close()
     return total
 

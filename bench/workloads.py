@@ -140,6 +140,7 @@ async def drain(ctx: Context) -> list[Result]:
             for system, run, sizes in (
                 ("outbox", _drain_outbox, cfg.drain_sizes),
                 ("naive", _drain_naive, cfg.naive_sizes),
+                ("lean", functools.partial(_drain_naive, lean=True), cfg.naive_sizes),
             )
             for size in sizes
         ]
@@ -402,9 +403,11 @@ async def _drain_outbox(
     }
 
 
-async def _drain_naive(ctx: Context, broker: Broker, size: int) -> Result:
+async def _drain_naive(ctx: Context, broker: Broker, size: int, lean: bool = False) -> Result:
+    """The naive floor, or with `lean` the lean ceiling (bench/lean_relay.py)."""
     async with ctx.dbs.fresh() as url:
-        topic, seed_seconds = await _seeded(ctx, url, broker, size, f"naive-{broker}")
+        label = f"{'lean' if lean else 'naive'}-{broker}"
+        topic, seed_seconds = await _seeded(ctx, url, broker, size, label)
         try:
             cpu = cpu_self()
             started = time.perf_counter()
@@ -415,6 +418,7 @@ async def _drain_naive(ctx: Context, broker: Broker, size: int) -> Result:
                     kafka_bootstrap=ctx.services.kafka_bootstrap,
                     redis_url=ctx.services.redis_url,
                     until_empty=True,
+                    lean=lean,
                 )
             seconds = time.perf_counter() - started
             cpu = cpu_self() - cpu
