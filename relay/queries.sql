@@ -8,8 +8,9 @@
 -- sequence order, skipping any event whose key has an earlier event still waiting for a retry or
 -- a delayed delivery (per-key order, relay/ordering.py). Only the owner reads a bucket, so no row
 -- locks are needed. $3: seqs already in flight in this relay (claimed while the previous batch is
--- published). `held_behind` is set for an event of a quarantined key: the id of the poison
--- event it must be parked behind.
+-- published), left out through a hashed subplan: `seq <> ALL($3)` compared every row walked with
+-- every seq in a generic plan, a cost that grew with the batch size squared. `held_behind` is
+-- set for an event of a quarantined key: the id of the poison event it must be parked behind.
 -- At most $2 events, and at most $4 bytes of payload (the first event always): `upto` sums the
 -- payloads' stored sizes, and a compressed (toasted) payload counts 4 times its stored size,
 -- so the relay's memory follows bytes, not only the event count, without Postgres having to
@@ -47,7 +48,7 @@ FROM (
                                      WHERE f.available_at > f.created_at))
       AND e.bucket = ANY (ARRAY(SELECT l.bucket FROM outbox_bucket_leases AS l
                            WHERE l.owner = $1 AND l.lease_until > now()))
-      AND e.seq <> ALL ($3::bigint[])
+      AND e.seq NOT IN (SELECT unnest($3::bigint[]))
       AND (e.key IS NULL
            OR NOT (SELECT EXISTS (SELECT 1 FROM outbox_events AS w
                                   WHERE w.available_at > now() AND w.available_at > w.created_at))

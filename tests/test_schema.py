@@ -243,6 +243,29 @@ async def test_claim_is_an_index_scan_whatever_waits(database_url: str, waiting:
     assert "ix_outbox_events_waiting_seq on outbox_events f" in plan, plan
 
 
+async def test_claim_leaves_out_the_events_in_flight_through_a_hash(database_url: str) -> None:
+    """A prefetched claim leaves out up to two batches in flight. As `seq <> ALL($3)` every
+    row it walked was compared with every excluded seq: per claim of 500 with 1,000 excluded,
+    6.9 ms against 2.6 ms with none, and quadratic in the batch size. As `NOT IN (SELECT
+    unnest($3))` it is one hash built per claim. Checked in the generic plan, the one the
+    relay's prepared claim runs after its first executions."""
+    settings = {**PLANNER_SETTINGS, "plan_cache_mode": "force_generic_plan"}
+    pg = await asyncpg.connect(asyncpg_dsn(database_url), server_settings=settings)
+    try:
+        await pg.execute("PREPARE claim AS " + QUERIES["claim_batch"])
+        excluded = "{" + ",".join(str(s) for s in range(1, 1001)) + "}"
+        plan = "\n".join(
+            r[0]
+            for r in await pg.fetch(
+                f"EXPLAIN EXECUTE claim('r1', 500, '{excluded}'::bigint[], 16777216, 0)"
+            )
+        )
+    finally:
+        await pg.close()
+    assert "hashed SubPlan" in plan, plan
+    assert "<> ALL" not in plan, plan
+
+
 def outbox_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "outbox.relay.cli", *args],
