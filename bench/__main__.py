@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import fleet, notify_cost, report, workloads
+from bench import fleet, notify_cost, report, topics, workloads
 from bench.brokers import BROKERS, Broker, BrokerOps
 from bench.config import WORKLOADS, BenchConfig, full, quick, with_overrides
 from bench.infra import REPO, Databases, Services, machine_facts, other_activity
@@ -35,6 +35,7 @@ RUNNERS: dict[str, Runner] = {
     "longtx": workloads.long_transaction,
     "notify": notify_cost.notify_cost,
     "envelope": workloads.envelope_cost,
+    "topics": topics.many_topics,
 }
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError
 
@@ -110,6 +111,86 @@ class BrokerOps:
                 await asyncio.sleep(0.05)
         finally:
             await consumer.stop()
+
+    async def prepare_many(self, broker: Broker, topics: list[str]) -> None:
+        """Fresh topics (3 partitions each), created up front, with one record written to each
+        partition (a leader just created refuses writes for a while, and that is not what is
+        measured); or absent streams."""
+        if broker == "redis":
+            client = self.redis()
+            try:
+                await client.delete(*topics)
+            finally:
+                await client.aclose()
+            return
+        admin = await self._kafka_admin()
+        try:
+            for i in range(0, len(topics), 100):
+                await admin.create_topics(
+                    [
+                        NewTopic(t, num_partitions=PARTITIONS, replication_factor=1)
+                        for t in topics[i : i + 100]
+                    ]
+                )
+        finally:
+            await admin.close()
+        # aiokafka waits for each topic's metadata, and retries while a leader is not ready
+        # (with a warning per partition: not news here).
+        producer = AIOKafkaProducer(bootstrap_servers=self.services.kafka_bootstrap)
+        sender_log = logging.getLogger("aiokafka.producer.sender")
+        level = sender_log.level
+        sender_log.setLevel(logging.ERROR)
+        await producer.start()
+        try:
+            await producer.client.set_topics(topics)  # one metadata request, not one per topic
+            acks = [
+                await producer.send(t, b"warm-up", partition=p)
+                for t in topics
+                for p in range(PARTITIONS)
+            ]
+            await asyncio.gather(*acks)
+        finally:
+            await producer.stop()
+            sender_log.setLevel(level)
+
+    async def delivered_many(self, broker: Broker, topics: list[str]) -> int:
+        """Entries in all the streams / records in all the topics."""
+        if broker == "redis":
+            client = self.redis()
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    for topic in topics:
+                        pipe.xlen(topic)
+                    return sum(int(n) for n in await pipe.execute())
+            finally:
+                await client.aclose()
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.services.kafka_bootstrap)
+        await consumer.start()
+        try:
+            # Every topic's metadata in one request (end_offsets would add them one by one).
+            await consumer._client.set_topics(topics)
+            parts = [TopicPartition(t, p) for t in topics for p in range(PARTITIONS)]
+            ends = await consumer.end_offsets(parts)
+            return int(sum(ends.values()))
+        finally:
+            await consumer.stop()
+
+    async def cleanup_many(self, broker: Broker, topics: list[str]) -> None:
+        with contextlib.suppress(Exception):
+            if broker == "redis":
+                client = self.redis()
+                try:
+                    await client.delete(*topics)
+                finally:
+                    await client.aclose()
+                return
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.services.kafka_bootstrap)
+            await admin.start()
+            try:
+                for i in range(0, len(topics), 100):
+                    await admin.delete_topics(topics[i : i + 100])
+            finally:
+                await admin.close()
 
     async def delivered(self, broker: Broker, topic: str) -> int:
         """Entries in the stream / records in the topic (sum of end offsets)."""

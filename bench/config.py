@@ -18,6 +18,7 @@ WORKLOADS = (
     "longtx",
     "notify",
     "envelope",
+    "topics",
 )
 
 
@@ -75,6 +76,11 @@ class BenchConfig:
     #: The cost of each envelope mode: drains of this many events per mode, A B B A.
     envelope_events: int = 50_000
     envelope_rounds: int = 2
+    #: The many-topics cliff: this many events over 1 topic, then over `topics_count`
+    #: pre-created topics, each drained by a fresh `outbox-relay run` process, A B B A.
+    topics_events: int = 50_000
+    topics_count: int = 1_000
+    topics_rounds: int = 2
     #: Seconds one drain may take before it is reported as timed out.
     drain_timeout: float = 600.0
 
@@ -116,6 +122,9 @@ def quick(out: Path) -> BenchConfig:
         notify_rounds=1,
         envelope_events=2_000,
         envelope_rounds=1,
+        topics_events=2_000,
+        topics_count=50,
+        topics_rounds=1,
         drain_timeout=60.0,
     )
 
@@ -159,6 +168,8 @@ class Targets:
     notify_ratio: float = 0.9
     #: Drain in each envelope mode vs plain (1 - 0.10).
     envelope_ratio: float = 0.9
+    #: Drain over `topics_count` topics vs over one, a fresh relay each (1 - 0.2).
+    topics_ratio: float = 0.8
 
 
 TARGETS = Targets()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -45,8 +45,12 @@ def key_of(n: int, keys: int) -> str:
     return f"order-{n % keys}"
 
 
-def _outbox_rows(start: int, stop: int, topic: str, keys: int) -> Iterator[tuple[object, ...]]:
+def _outbox_rows(
+    start: int, stop: int, topics: Sequence[str], keys: int
+) -> Iterator[tuple[object, ...]]:
+    """Event n has key n % keys and topic n % len(topics)."""
     for n in range(start, stop):
+        topic = topics[n % len(topics)]
         yield (uuid7(), topic, key_of(n, keys), payload(n, new_bench_id()), "{}")
 
 
@@ -57,11 +61,12 @@ async def seed_outbox(
     keys: int,
     *,
     on_commit: Callable[[], None] | None = None,
+    topics: Sequence[str] = (),
 ) -> None:
     """`count` pending OutboxEvent rows in one transaction (relays see them all at commit).
 
     `on_commit` runs right after the commit, before ANALYZE: the moment a running relay can
-    start on them."""
+    start on them. `topics`: spread the events over these topics instead of `topic`."""
     conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         async with conn.transaction():
@@ -69,7 +74,7 @@ async def seed_outbox(
                 stop = min(count, start + CHUNK)
                 await conn.copy_records_to_table(
                     "outbox_events",
-                    records=list(_outbox_rows(start, stop, topic, keys)),
+                    records=list(_outbox_rows(start, stop, topics or (topic,), keys)),
                     columns=OUTBOX_COLUMNS,
                 )
         if on_commit is not None:
