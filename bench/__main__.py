@@ -35,6 +35,8 @@ RUNNERS: dict[str, Runner] = {
     "longtx": workloads.long_transaction,
     "notify": notify_cost.notify_cost,
     "envelope": workloads.envelope_cost,
+    "history": workloads.history_cost,
+    "prune": workloads.prune_cost,
     "topics": topics.many_topics,
 }
 

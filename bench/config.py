@@ -18,6 +18,8 @@ WORKLOADS = (
     "longtx",
     "notify",
     "envelope",
+    "history",
+    "prune",
     "topics",
 )
 
@@ -76,6 +78,14 @@ class BenchConfig:
     #: The cost of each envelope mode: drains of this many events per mode, A B B A.
     envelope_events: int = 50_000
     envelope_rounds: int = 2
+    #: The cost of delivered history: drains of this many events, history off vs on, A B B A.
+    history_events: int = 100_000
+    history_rounds: int = 2
+    #: Retention: a history of this many expired rows pruned while drains of
+    #: `prune_drain_events` run (A B B A: without, during, during, after).
+    prune_history_rows: int = 1_000_000
+    prune_drain_events: int = 50_000
+    prune_rounds: int = 4
     #: The many-topics cliff: this many events over 1 topic, then over `topics_count`
     #: pre-created topics, each drained by a fresh `outbox-relay run` process, A B B A.
     topics_events: int = 50_000
@@ -122,6 +132,11 @@ def quick(out: Path) -> BenchConfig:
         notify_rounds=1,
         envelope_events=2_000,
         envelope_rounds=1,
+        history_events=2_000,
+        history_rounds=1,
+        prune_history_rows=20_000,
+        prune_drain_events=2_000,
+        prune_rounds=2,
         topics_events=2_000,
         topics_count=50,
         topics_rounds=1,
@@ -170,6 +185,12 @@ class Targets:
     envelope_ratio: float = 0.9
     #: Drain over `topics_count` topics vs over one, a fresh relay each (1 - 0.2).
     topics_ratio: float = 0.8
+    #: Drain with delivered history on vs off (issue 13).
+    history_ratio: float = 0.8
+    #: Retention: drain while the relay prunes a big history vs without (1 - 0.10), and
+    #: the longest prune statement (its row locks are held that long at most).
+    prune_ratio: float = 0.9
+    prune_statement_ms: float = 100.0
 
 
 TARGETS = Targets()

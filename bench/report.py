@@ -212,6 +212,50 @@ def evaluate_targets(results: Result) -> list[Result]:
         else:
             out.append(_target(name, "-", None))
     for broker in ("kafka", "redis"):
+        modes = {r["system"]: r for r in _ok(results.get("history", [])) if r["broker"] == broker}
+        off, on = modes.get("outbox, history off"), modes.get("outbox, history on")
+        name = f"delivered history on: drain >= {t.history_ratio}x history off, {broker}"
+        if off and on:
+            ratio = on["events_per_s"] / off["events_per_s"]
+            out.append(
+                _target(
+                    name,
+                    f"{ratio:.3f}x ({on['events_per_s']:,.0f} vs {off['events_per_s']:,.0f} ev/s)",
+                    ratio >= t.history_ratio,
+                    f"CPU per 10k events: {on['cpu_s_per_10k']} vs {off['cpu_s_per_10k']} s; runs "
+                    f"{on.get('runs_events_per_s')} vs {off.get('runs_events_per_s')}",
+                )
+            )
+        else:
+            out.append(_target(name, "-", None))
+    for broker in ("kafka", "redis"):
+        modes = {r["system"]: r for r in _ok(results.get("prune", [])) if r["broker"] == broker}
+        alone = modes.get("outbox, history on, alone")
+        during = modes.get("outbox, history on, pruning")
+        pruned = modes.get("prune outbox_delivered")
+        name = (
+            f"retention: drain while pruning >= {t.prune_ratio}x without, prune statements "
+            f"<= {t.prune_statement_ms:.0f} ms, {broker}"
+        )
+        if alone and during and pruned:
+            ratio = during["events_per_s"] / alone["events_per_s"]
+            longest = pruned["longest_statement_ms"] or 0.0
+            out.append(
+                _target(
+                    name,
+                    f"{ratio:.3f}x ({during['events_per_s']:,.0f} vs "
+                    f"{alone['events_per_s']:,.0f} ev/s), longest {longest} ms",
+                    ratio >= t.prune_ratio and longest <= t.prune_statement_ms,
+                    f"{pruned['rows_deleted']:,} rows in {pruned['prune_seconds']} s "
+                    f"({pruned['rows_during_drains']:,} during the drains), "
+                    f"{pruned['statements']} statements, "
+                    f"{pruned['statements_over_100ms']} over 100 ms; runs "
+                    f"{during.get('runs_events_per_s')} vs {alone.get('runs_events_per_s')}",
+                )
+            )
+        else:
+            out.append(_target(name, "-", None))
+    for broker in ("kafka", "redis"):
         modes = {r["system"]: r for r in _ok(results.get("envelope", [])) if r["broker"] == broker}
         plain = modes.pop("outbox, envelope plain", None)
         for system, row in modes.items():

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import asyncpg
 import psutil
@@ -35,6 +35,7 @@ from outbox.relay.factory import build_relay
 from outbox.relay.metrics import RelayMetrics, serve_metrics
 from outbox.relay.relay import Relay
 from outbox.relay.settings import RelaySettings
+from outbox.relay.stores.postgres import PostgresStore
 from outbox.urls import asyncpg_dsn
 
 Result = dict[str, Any]
@@ -332,6 +333,150 @@ async def envelope_cost(ctx: Context) -> list[Result]:
     return out
 
 
+async def history_cost(ctx: Context) -> list[Result]:
+    """The drain with delivered history on (each delivered row moved into outbox_delivered,
+    with its broker position) vs off (deleted), in A B B A order per broker; the median run
+    of each mode is reported (the target: on >= 0.8x off)."""
+    cfg = ctx.config
+    out: list[Result] = []
+    for broker in cfg.brokers:
+        runs: dict[str, list[Result]] = {"off": [], "on": []}
+        for mode in abba(("off", "on"), cfg.history_rounds):
+            base = {
+                "system": f"outbox, history {mode}",
+                "broker": broker,
+                "events": cfg.history_events,
+            }
+            run = functools.partial(
+                _drain_outbox,
+                ctx,
+                broker,
+                cfg.history_events,
+                history=cast(Literal["off", "on"], mode),
+            )
+            runs[mode].append(await guarded(ctx, f"drain {base['system']} {broker}", run, base))
+        out += [median_run(r) for r in runs.values()]
+    return out
+
+
+async def prune_cost(ctx: Context) -> list[Result]:
+    """Retention on a big history: `prune_history_rows` rows of outbox_delivered older than
+    the retention, pruned by the relay's own code (PostgresStore.prune: its own connection,
+    batches of 1,000, paced), while the relay drains `prune_drain_events` events with history
+    on. Drains alternate A B B A ... (`prune_rounds` rounds): A without pruning, B while the
+    prune runs (started before the drain, cancelled after it; it resumes where it stopped).
+    Then the prune runs to the end alone. Reports the drain rates, and the prune's rows, time
+    (in B windows and alone), statements and longest statement (commit included: the
+    longest any of its row locks was held)."""
+    cfg = ctx.config
+    out: list[Result] = []
+    for broker in cfg.brokers:
+        async with ctx.dbs.fresh() as url:
+            conn = await asyncpg.connect(asyncpg_dsn(url))
+            try:
+                started = time.perf_counter()
+                await conn.execute(
+                    "INSERT INTO outbox_delivered (event_id, seq, topic, key, event_type, "
+                    "payload, headers, created_at, delivered_at, relay_id, attempts, "
+                    "broker_partition, broker_offset) "
+                    "SELECT gen_random_uuid(), g, 'orders', 'order-' || g % 1000, 'OrderPlaced', "
+                    "jsonb_build_object('order_id', g, 'total_cents', 4200), '{}', "
+                    "now() - interval '8 days', now() - interval '8 days' + g * interval '1 ms', "
+                    "'bench', 1, g % 3, g / 3 FROM generate_series(1, $1) AS g",
+                    cfg.prune_history_rows,
+                )
+                await conn.execute("VACUUM ANALYZE outbox_delivered")
+                await conn.execute("CHECKPOINT")  # the seed's writes are not the prune's
+                seeded = time.perf_counter() - started
+            finally:
+                await conn.close()
+            pruner = PostgresStore(url, history=True, history_retention=7 * 86_400.0)
+            await pruner.start("bench-pruner")
+            runs: dict[str, list[Result]] = {"alone": [], "pruning": []}
+            pruning_seconds = 0.0
+            try:
+                for mode in abba(("alone", "pruning"), cfg.prune_rounds):
+                    task = asyncio.create_task(pruner.prune()) if mode == "pruning" else None
+                    window = time.perf_counter()
+                    base = {
+                        "system": f"outbox, history on, {mode}",
+                        "broker": broker,
+                        "events": cfg.prune_drain_events,
+                    }
+                    run = functools.partial(
+                        _drain_history, ctx, url, broker, cfg.prune_drain_events
+                    )
+                    result = await guarded(ctx, f"drain {base['system']}", run, base)
+                    if task is not None:
+                        result["prune_finished_first"] = task.done()
+                        task.cancel()
+                        await asyncio.gather(task, return_exceptions=True)
+                        pruning_seconds += time.perf_counter() - window
+                    runs[mode].append(result)
+                during = pruner.pruned.get("outbox_delivered")
+                rows_during = during.rows if during else 0
+                rest = time.perf_counter()
+                await pruner.prune()
+                rest_seconds = time.perf_counter() - rest
+                totals = pruner.pruned.get("outbox_delivered")
+            finally:
+                await pruner.stop()
+            left = await _count_rows(url, "outbox_delivered")
+        out += [median_run(r) for r in runs.values()]
+        out.append(
+            {
+                "system": "prune outbox_delivered",
+                "broker": broker,
+                "history_rows": cfg.prune_history_rows,
+                "seed_seconds": round(seeded, 1),
+                "rows_during_drains": rows_during,
+                "seconds_during_drains": round(pruning_seconds, 1),
+                "rows_deleted": totals.rows if totals else None,
+                "prune_seconds": round(pruning_seconds + rest_seconds, 1),
+                "rows_left": left,  # the drains' own history: not expired
+                "statements": totals.statements if totals else None,
+                "longest_statement_ms": round(totals.longest * 1000, 1) if totals else None,
+                "statements_over_100ms": totals.slow if totals else None,
+                "longest_round_trip_ms": round(totals.longest_round_trip * 1000, 1)
+                if totals
+                else None,
+            }
+        )
+    return out
+
+
+async def _count_rows(url: str, table: str) -> int:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        count: int = await conn.fetchval(f"SELECT count(*) FROM {table}")
+    finally:
+        await conn.close()
+    return count
+
+
+async def _drain_history(ctx: Context, url: str, broker: Broker, size: int) -> Result:
+    """Seed `size` events into `url` and drain them with history on (no pruning of its own)."""
+    topic, _ = await _seeded(ctx, url, broker, size, f"prune-{broker}")
+    try:
+        started = time.perf_counter()
+        relay = build_relay(
+            RelaySettings(
+                database_url=url,
+                broker=broker,
+                kafka_bootstrap=ctx.services.kafka_bootstrap,
+                redis_url=ctx.services.redis_url,
+                relay_id=f"bench-prune-{uuid.uuid4().hex[:4]}",
+                history="on",
+            )
+        )
+        async with asyncio.timeout(ctx.config.drain_timeout):
+            stats = await relay.drain()
+        seconds = time.perf_counter() - started
+    finally:
+        await ctx.ops.cleanup(broker, topic)
+    return {"seconds": round(seconds, 3), "events_per_s": rate(stats.delivered, seconds)}
+
+
 def median_run(runs: list[Result]) -> Result:
     """The run with the median rate, with every run's rate beside it."""
     ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["events_per_s"])
@@ -359,10 +504,11 @@ async def _drain_outbox(
     waiting: int = 0,
     metrics: str = "on",
     envelope: EnvelopeMode = "plain",
+    history: Literal["off", "on"] = "off",
 ) -> Result:
     """`metrics`: "on" (kept, not scraped: the default relay), "off" (recording replaced by
     no-ops) or "scraped" (also served over HTTP and scraped every second). `envelope`: the
-    relay's envelope mode."""
+    relay's envelope mode. `history`: the relay's setting (on: delivered rows are kept)."""
     async with ctx.dbs.fresh() as url:
         topic, seed_seconds = await _seeded(ctx, url, broker, size, f"drain-{broker}")
         if waiting:
@@ -378,6 +524,7 @@ async def _drain_outbox(
                     redis_url=ctx.services.redis_url,
                     relay_id="bench-drain",
                     envelope=envelope,
+                    history=history,
                 )
             )
             async with asyncio.timeout(ctx.config.drain_timeout), metrics_mode(relay, metrics):

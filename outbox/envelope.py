@@ -41,6 +41,9 @@ HEADER_ID = "outbox-id"
 HEADER_SEQ = "outbox-seq"
 HEADER_EVENT_TYPE = "outbox-event-type"
 HEADER_CREATED_AT = "outbox-created-at"
+#: Set on an event that `outbox-relay republish` put back into the outbox (every envelope
+#: mode): when it was republished, ISO-8601. A first delivery never has it.
+HEADER_REPUBLISHED_AT = "outbox-republished-at"
 #: Redis only: what Kafka carries as the record's key and value.
 FIELD_KEY = "outbox-key"
 FIELD_PAYLOAD = "outbox-payload"
@@ -209,7 +212,8 @@ class _Framing:
         return [
             (name, value.encode())
             for name, value in headers.items()
-            if (low := name.lower()) not in taken and not low.startswith(reserved)
+            if (low := name.lower()) not in taken
+            and (not low.startswith(reserved) or low == HEADER_REPUBLISHED_AT)
         ]
 
     def stream(self, event: Envelope) -> list[bytes]:

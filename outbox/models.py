@@ -2,7 +2,9 @@
 
 `OutboxEvent` is what applications add to their own session. The classes use a declarative base
 of this package, so they work in any `Session`/`AsyncSession` whatever the application's own base
-is. The Alembic migrations in `migrations/` create exactly these tables (a test compares them).
+is. The Alembic migrations in `migrations/` create the tables, on PostgreSQL and on SQLite
+(`outbox-relay migrate`); these classes declare exactly what they create, CHECK constraints
+included (tests/test_schema.py compares both dialects). The triggers live in the migrations.
 """
 
 from __future__ import annotations
@@ -24,18 +26,21 @@ from sqlalchemy import (
     Integer,
     MetaData,
     SmallInteger,
-    Table,
     Text,
     TypeDecorator,
     Uuid,
+    column,
     event,
     false,
     func,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import GenericFunction
 
 from outbox import validation
 from outbox.context import with_context
@@ -44,6 +49,24 @@ from outbox.ids import uuid7
 
 JsonColumn = JSON().with_variant(JSONB(), "postgresql")
 SeqColumn = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class json_kind(GenericFunction[str]):  # noqa: N801 - a SQL function's name
+    """The JSON type of a value ('object', 'array', ...): `jsonb_typeof` on PostgreSQL,
+    `json_type` on SQLite (as migration 0001 writes the `headers` CHECK on each)."""
+
+    type = Text()
+    inherit_cache = True
+
+
+@compiles(json_kind, "postgresql")
+def _jsonb_typeof(element: json_kind, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"jsonb_typeof({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(json_kind, "sqlite")
+def _json_type(element: json_kind, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"json_type({compiler.process(element.clauses, **kw)})"
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -101,6 +124,9 @@ class OutboxEvent(OutboxBase):
             name="key_length",
         ),
         CheckConstraint(f"bucket >= 0 AND bucket < {validation.BUCKETS}", name="bucket_range"),
+        CheckConstraint(json_kind(column("headers")) == "object", name="headers_object"),
+        # SQLite only: JSON is text there (Postgres's jsonb refuses what is not JSON itself).
+        CheckConstraint("json_valid(payload)", name="payload_json").ddl_if(dialect="sqlite"),
         # Only waiting rows (delayed or retrying) are indexed, so a plain insert pays nothing
         # for it. The claim's per-key check "has this key an earlier waiting event?" is a
         # probe of it, and the only index that can answer it (migration 0003).
@@ -135,8 +161,9 @@ class OutboxEvent(OutboxBase):
     topic: Mapped[str] = mapped_column(Text, nullable=False)
     key: Mapped[str | None] = mapped_column(Text)
     #: Lease bucket of the key, `hashtext(coalesce(key, id::text)) & 63`: Postgres sets it on
-    #: every insert, whoever writes the row (trigger below); a value sent is overwritten. 0 on
-    #: SQLite, where one relay owns every bucket.
+    #: every insert, whoever writes the row (a trigger of migration 0004); a value sent is
+    #: overwritten. SQLite's trigger uses a cheaper hash of the same text (one relay owns every
+    #: bucket there): on both, every event of one key has one bucket.
     bucket: Mapped[int] = mapped_column(
         SmallInteger, nullable=False, server_default="0", server_onupdate=FetchedValue()
     )
@@ -236,38 +263,6 @@ def _check_again_at_flush(_: Any, __: Any, target: OutboxEvent) -> None:
     dict is mutable): what is written is checked again, so it is what the checks allowed."""
     validation.check_payload(target.payload)
     validation.check_headers(target.headers)
-
-
-#: The bucket of every row, computed by Postgres (migration 0004), so that raw-SQL writers in
-#: any language spread keys exactly like OutboxEvent and `enqueue`. Here for
-#: `metadata.create_all` on Postgres; tests/test_schema.py checks it is what the migrations
-#: create. A trigger, not a generated column: writers that still send a bucket keep working.
-BUCKET_TRIGGER_DDL = (
-    """
-    CREATE OR REPLACE FUNCTION outbox_bucket() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        NEW.bucket := hashtext(coalesce(NEW.key, NEW.id::text)) & 63;
-        RETURN NEW;
-    END
-    $$
-    """,
-    "CREATE TRIGGER outbox_events_bucket BEFORE INSERT OR UPDATE OF key, id, bucket "
-    "ON outbox_events FOR EACH ROW EXECUTE FUNCTION outbox_bucket()",
-    "ALTER TABLE outbox_events ENABLE ALWAYS TRIGGER outbox_events_bucket",
-)
-
-
-@event.listens_for(OutboxEvent.__table__, "after_create")
-def _create_bucket_trigger(_: Table, connection: Connection, **__: Any) -> None:
-    if connection.dialect.name == "postgresql":  # SQLite: bucket 0, one relay owns them all
-        for statement in BUCKET_TRIGGER_DDL:
-            connection.exec_driver_sql(statement)
-
-
-@event.listens_for(OutboxEvent.__table__, "after_drop")
-def _drop_bucket_function(_: Table, connection: Connection, **__: Any) -> None:
-    if connection.dialect.name == "postgresql":
-        connection.exec_driver_sql("DROP FUNCTION IF EXISTS outbox_bucket()")
 
 
 class DeadLetter(OutboxBase):
@@ -371,3 +366,40 @@ class InboxEntry(OutboxBase):
     processed_at: Mapped[datetime] = mapped_column(
         UtcDateTime(), nullable=False, server_default=func.now()
     )
+
+
+class DeliveredEvent(OutboxBase):
+    """An event the broker acknowledged, kept when the relay runs with `history = on`: the
+    relay moves it here in the statement that deletes it from outbox_events (migration 0008),
+    and deletes it after `history_retention`. Query it with SQL; `outbox-relay republish`
+    puts events back into the outbox."""
+
+    __tablename__ = "outbox_delivered"
+    __table_args__ = (
+        CheckConstraint("attempts >= 1", name="attempts_positive"),
+        Index("ix_outbox_delivered_key", "key"),
+        # Rows arrive in delivered_at order: a BRIN index is a few pages and nearly free.
+        Index("ix_outbox_delivered_delivered_at", "delivered_at", postgresql_using="brin"),
+    )
+
+    #: Delivery order; the relay's retention walks it, oldest first.
+    delivered_id: Mapped[int] = mapped_column(SeqColumn, Identity(), primary_key=True)
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid(), nullable=False)
+    seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    topic: Mapped[str] = mapped_column(Text, nullable=False)
+    key: Mapped[str | None] = mapped_column(Text)
+    event_type: Mapped[str | None] = mapped_column(Text)
+    payload: Mapped[Any] = mapped_column(JsonColumn, nullable=False)
+    headers: Mapped[dict[str, str]] = mapped_column(JsonColumn, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), nullable=False)
+    delivered_at: Mapped[datetime] = mapped_column(
+        UtcDateTime(), nullable=False, server_default=func.now()
+    )
+    relay_id: Mapped[str] = mapped_column(Text, nullable=False)
+    #: Attempts it took, the successful one included.
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False)
+    #: Where the broker stored it: Kafka's partition and offset, or Redis's stream entry id
+    #: (NULL for Redis pub/sub and the stdout broker).
+    broker_partition: Mapped[int | None] = mapped_column(Integer)
+    broker_offset: Mapped[int | None] = mapped_column(BigInteger)
+    broker_entry_id: Mapped[str | None] = mapped_column(Text)

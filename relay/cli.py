@@ -198,6 +198,9 @@ def main() -> None:
 @setting_option("log_level", type=click.Choice(["debug", "info", "warning", "error"]))
 @setting_option("metrics_port", type=int)
 @setting_option("metrics_host")
+@setting_option("history", type=click.Choice(["off", "on"]))
+@setting_option("history_retention", metavar="DURATION")
+@setting_option("dead_letter_retention", metavar="DURATION")
 def run(**given: Any) -> None:
     """Run the relay until SIGTERM or SIGINT."""
     settings = load_settings(**given)
@@ -238,10 +241,13 @@ def run(**given: Any) -> None:
 def migrate(database_url: str | None, sql: bool, downgrade_to: str | None, check: bool) -> None:
     """Create or upgrade the outbox tables (their own Alembic history)."""
     from outbox.relay import migrate as m
+    from outbox.urls import is_sqlite
 
     url = database_url or ("postgresql://" if sql else None)
     if url is None:
         fail("database_url: missing; pass --database-url or set OUTBOX_DATABASE_URL")
+    if sql and is_sqlite(url):  # batch mode copies SQLite tables: it needs the live file
+        fail("--sql: prints PostgreSQL's script only; migrate a SQLite file without --sql")
     if check:
         current = run_async(m.current_revision(url))
         head = m.head_revision()
@@ -658,6 +664,103 @@ def dlq_discard(
     click.echo(f"discarded {count} dead letter(s)")
 
 
+@cli.command()
+@database_option
+@click.option(
+    "--id",
+    "event_ids",
+    multiple=True,
+    callback=id_filter,
+    metavar="EVENT_ID",
+    help="This event id (repeatable: any of them).",
+)
+@click.option("--topic", callback=text_filter, help="Only this topic.")
+@click.option("--key", callback=text_filter, help="Only this key.")
+@click.option("--type", "event_type", callback=text_filter, help="Only this event type.")
+@click.option(
+    "--since",
+    callback=time_filter,
+    metavar="TIME",
+    help="Delivered at or after TIME: ISO-8601 (UTC unless it has an offset), "
+    "or an age: 30s, 15m, 2h, 7d, 1w.",
+)
+@click.option("--until", callback=time_filter, metavar="TIME", help="Delivered before TIME.")
+@click.option("--all", "everything", is_flag=True, help="Every delivered event in the history.")
+@click.option("--dry-run", is_flag=True, help="Show what would be republished; change nothing.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 100_000),
+    default=1000,
+    show_default=True,
+    help="Events per transaction.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def republish(
+    everything: bool, dry_run: bool, batch_size: int, as_json: bool, **given: Any
+) -> None:
+    """Put delivered events (history = on) back into the outbox, for a consumer that lost its
+    data: original id, seq and created_at, so they keep their relative order, and the header
+    outbox-republished-at. Events still in the outbox are skipped."""
+    from outbox.relay.admin import (
+        HistoryFilters,
+        HistoryGroup,
+        Republished,
+        connect,
+        republish,
+        summarize_history,
+    )
+
+    names = ("event_ids", "topic", "key", "event_type", "since", "until")
+    if not (everything or any(given[name] for name in names)):
+        fail("choose what to republish: --id, --key, --topic, --type, --since, --until, or --all")
+    since, until = given["since"], given["until"]
+    if since is not None and until is not None and since >= until:
+        fail(f"--since: {since.isoformat()} is not before --until {until.isoformat()}")
+    filters = HistoryFilters(*(given[name] for name in names))
+    url = load_settings(database_url=given["database_url"]).database_url
+
+    async def _run() -> tuple[list[HistoryGroup], Republished] | str:
+        import asyncpg
+
+        async with connect(url) as conn:
+            try:
+                groups = await summarize_history(conn, filters)
+                if dry_run or not groups:
+                    return groups, Republished(0, 0, 0)
+                at = datetime.now(UTC)
+                return groups, await republish(conn, filters, at=at, batch_size=batch_size)
+            except asyncpg.UndefinedTableError:
+                return "outbox_delivered does not exist: run `outbox-relay migrate`"
+
+    result = run_async(_run())
+    if isinstance(result, str):
+        fail(result, 1)
+    groups, done = result
+    matched = sum(g.count for g in groups)
+    if as_json:
+        echo_json(
+            {
+                "dry_run": dry_run,
+                "matched": matched,
+                "republished": done.republished,
+                "skipped": done.skipped,
+                "transactions": done.transactions,
+                "summary": [g.document() for g in groups],
+            }
+        )
+        return
+    if groups:
+        click.echo("topic\tcount\toldest\tnewest")
+    for g in groups:
+        click.echo("\t".join(tsv_cell(c) for c in (g.topic, g.count, g.oldest, g.newest)))
+    if dry_run:
+        click.echo(f"would republish {matched} event(s); nothing changed: drop --dry-run")
+        return
+    skipped = f"; {done.skipped} still in the outbox, skipped" if done.skipped else ""
+    count = f"republished {done.republished} event(s) in {done.transactions} transaction(s)"
+    click.echo(count + skipped)
+
+
 def finite(_: click.Context, __: click.Parameter, value: float) -> float:
     if not math.isfinite(value):
         raise click.BadParameter(f"{value} is not a finite number of seconds")
@@ -710,7 +813,10 @@ def status(
 
     settings = load_settings(database_url=database_url, lease_seconds=lease_seconds)
     if is_sqlite(settings.database_url):
-        fail("status: not supported for sqlite:// (the demo store); use a postgresql:// URL")
+        fail(
+            "database_url: status needs a postgresql:// URL (on SQLite, one relay: "
+            "`outbox-relay dlq count` and `outbox-relay migrate --check`)"
+        )
 
     async def _read() -> s.Status | str:
         try:

@@ -26,11 +26,12 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from outbox import OutboxEvent
 from outbox.envelope import Envelope
+from outbox.relay import migrate
 from outbox.relay.publishers.stdout import JsonLinesPublisher
 from outbox.relay.relay import Relay, RelayStats
 from outbox.relay.retry import RetryPolicy
 from outbox.relay.seams import Failure, Verdict
-from outbox.relay.stores.sqlite import SqliteStore, create_schema
+from outbox.relay.stores.sqlite import SqliteStore
 from outbox.relay.testing import Fault, FaultInjector
 
 TOPIC = "orders"
@@ -161,7 +162,9 @@ async def run_demo(
 async def _demo(workdir: Path, jsonl: Path, say: Callable[[str], None]) -> None:
     url = f"sqlite+aiosqlite:///{workdir / 'outbox.db'}"
     say(f"Outbox demo: SQLite database {workdir / 'outbox.db'}")
-    await create_schema(url)
+    # The tables come from the migrations, as `outbox-relay migrate` makes them (in a thread:
+    # Alembic's environment runs its own event loop).
+    await asyncio.to_thread(migrate.upgrade, url)
     engine = create_async_engine(url)
     try:
         async with engine.begin() as conn:

@@ -33,6 +33,10 @@ def build_store(settings: RelaySettings) -> Store:
         settings.database_url,
         lease_seconds=settings.lease_seconds,
         max_batch_bytes=settings.max_batch_bytes,
+        history=settings.history == "on",
+        # Delivered events are pruned only while history is kept.
+        history_retention=settings.history_retention if settings.history == "on" else None,
+        dead_letter_retention=settings.dead_letter_retention,
     )
 
 
@@ -100,4 +104,5 @@ def build_relay(settings: RelaySettings) -> Relay:
         ),
         poison_policy=PoisonPolicy(settings.poison_policy),
         shutdown_timeout=settings.shutdown_timeout,
+        record_positions=settings.history == "on",
     )

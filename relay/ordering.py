@@ -11,8 +11,8 @@ A dead-lettered event breaks the chain of its key. What happens next is the pois
 - `skip`: the key moves on without the dead event, which breaks the key's order for it.
 
 Where the rule is kept:
-1. In the database, by the claim (`claim_batch` in relay/queries.sql, `CLAIM_BATCH` in
-   relay/stores/sqlite.py): it never returns an event whose key has an earlier event waiting
+1. In the database, by the claim (`claim_batch` in relay/queries.sql and in
+   relay/queries_sqlite.sql): it never returns an event whose key has an earlier event waiting
    (a retry backoff or a delayed delivery), and it returns the events of quarantined keys
    (keys with a dead letter whose `holds_key` is true) as `Claim.parked`.
 2. In the process, by `KeyGate`, the one type that says "this key may not move on now":

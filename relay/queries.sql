@@ -81,6 +81,28 @@ WHERE seq = ANY ($2::bigint[])
   AND bucket = ANY (ARRAY(SELECT l.bucket FROM outbox_bucket_leases AS l
                      WHERE l.owner = $1 AND l.lease_until > now()));
 
+-- name: move_delivered --
+-- delete_delivered with `history = on`: the same delete, and in the same statement the rows
+-- go into outbox_delivered, so a row is in exactly one of the two tables at any time.
+-- $3, $4, $5: where the broker stored each event of $2 (Kafka partition and offset, Redis
+-- entry id), index for index; shorter arrays (none known) leave NULL. The seqs are unique,
+-- so the join finds one position per moved row (a hash of at most a batch).
+WITH moved AS (
+    DELETE FROM outbox_events
+    WHERE seq = ANY ($2::bigint[])
+      AND bucket = ANY (ARRAY(SELECT l.bucket FROM outbox_bucket_leases AS l
+                         WHERE l.owner = $1 AND l.lease_until > now()))
+    RETURNING seq, id, topic, key, event_type, payload, headers, created_at, attempts
+)
+INSERT INTO outbox_delivered (event_id, seq, topic, key, event_type, payload, headers,
+                              created_at, relay_id, attempts, broker_partition, broker_offset,
+                              broker_entry_id)
+SELECT m.id, m.seq, m.topic, m.key, m.event_type, m.payload, m.headers, m.created_at, $1,
+       m.attempts + 1, p.part, p.off, p.entry
+FROM moved AS m
+LEFT JOIN unnest($2::bigint[], $3::int[], $4::bigint[], $5::text[]) AS p(seq, part, off, entry)
+       ON p.seq = m.seq;
+
 -- name: schedule_retries --
 UPDATE outbox_events AS e
 SET attempts = e.attempts + 1,
@@ -178,6 +200,55 @@ DELETE FROM outbox_relays WHERE relay_id = $1;
 
 -- name: forget_dead_relays --
 DELETE FROM outbox_relays WHERE heartbeat_at < now() - interval '1 day';
+
+-- The `prune_*` family: retention, run by one relay at a time (the one holding the session
+-- advisory lock `prune_lock` on its own connection, released when it closes), one short
+-- statement per batch.
+
+-- name: prune_lock --
+SELECT pg_try_advisory_lock(hashtext('outbox-relay prune'));
+
+-- name: prune_history --
+-- One batch: of the next $2 history rows after delivered_id $3 (a walk of the primary key,
+-- oldest first), delete those delivered more than $1 seconds ago. Returns how many went, and
+-- where the next batch starts: after the head's last row, or before its first row that is
+-- still too young (`young`; then this round is over). Resuming there, a walk never rescans
+-- the rows it deleted (dead until vacuumed). Row locks only, on rows nobody else writes,
+-- held until the commit right after `took`: the statement's own time, read last.
+WITH head AS (
+    SELECT delivered_id AS id, delivered_at < now() - make_interval(secs => $1) AS old
+    FROM outbox_delivered
+    WHERE delivered_id > $3
+    ORDER BY delivered_id
+    LIMIT $2
+), gone AS (
+    DELETE FROM outbox_delivered
+    WHERE delivered_id = ANY (ARRAY(SELECT id FROM head WHERE old))
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone) AS deleted, (SELECT count(*) FROM head) AS walked,
+       (SELECT max(id) FROM head) AS last, (SELECT min(id) FROM head WHERE NOT old) AS young,
+       extract(epoch FROM clock_timestamp() - statement_timestamp())::float8 AS took;
+
+-- name: prune_dead_letters --
+-- As prune_history, for dead letters whose last failure is older than $1 seconds. A dead
+-- letter that holds its key (a quarantine chain) is kept and walked past: deleting it would
+-- release the key's later events out of order; replay or purge the chain.
+WITH head AS (
+    SELECT dead_letter_id AS id, last_failed_at < now() - make_interval(secs => $1) AS old,
+           holds_key
+    FROM outbox_dead_letters
+    WHERE dead_letter_id > $3
+    ORDER BY dead_letter_id
+    LIMIT $2
+), gone AS (
+    DELETE FROM outbox_dead_letters
+    WHERE dead_letter_id = ANY (ARRAY(SELECT id FROM head WHERE old AND NOT holds_key))
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone) AS deleted, (SELECT count(*) FROM head) AS walked,
+       (SELECT max(id) FROM head) AS last, (SELECT min(id) FROM head WHERE NOT old) AS young,
+       extract(epoch FROM clock_timestamp() - statement_timestamp())::float8 AS took;
 
 -- The `dlq_*` family: `outbox-relay dlq ...` (relay/admin.py). `dlq_chosen` is the one filter
 -- of every dead-letter command; the blocks after it read its rows as `chosen`, and admin.py
@@ -296,13 +367,68 @@ WITH taken AS (
 SELECT (SELECT count(*) FROM requeued) AS replayed,
        (SELECT count(DISTINCT key) FROM taken WHERE holds_key) AS released;
 
+-- The `history_*` family: `outbox-relay republish` (relay/admin.py), as the dlq_* family:
+-- admin.py runs each block as `WITH chosen AS (<history_chosen>) <block>`.
+
+-- name: history_chosen --
+-- $1 event ids (any of them), $2 topic, $3 key, $4 event type, $5 since / $6 until: the time
+-- it was delivered, since inclusive.
+SELECT * FROM outbox_delivered
+WHERE ($1::uuid[] IS NULL OR event_id = ANY ($1::uuid[]))
+  AND ($2::text IS NULL OR topic = $2)
+  AND ($3::text IS NULL OR key = $3)
+  AND ($4::text IS NULL OR event_type = $4)
+  AND ($5::timestamptz IS NULL OR delivered_at >= $5)
+  AND ($6::timestamptz IS NULL OR delivered_at < $6);
+
+-- name: history_summary --
+-- What republish would take (--dry-run), per topic.
+SELECT topic, count(*) AS events, min(delivered_at) AS oldest, max(delivered_at) AS newest
+FROM chosen
+GROUP BY topic
+ORDER BY topic;
+
+-- name: history_republish --
+-- One batch of republish: the next $8 chosen after delivered_id $7 (a walk of the primary
+-- key), back into outbox_events with their original id, seq and created_at, so that they
+-- keep their relative order (the relay claims in seq order) and consumers see the same
+-- event, plus the header `outbox-republished-at` ($9). Postgres sets the bucket (migration
+-- 0004); available_at = now() > created_at makes them waiting rows, so the relays' claim
+-- floors go below them (as for a dead-letter replay). An event whose seq is in the outbox
+-- already (still pending, or republished and not delivered yet) is skipped.
+WITH picked AS (
+    SELECT delivered_id, event_id, seq, topic, key, payload, headers, event_type, created_at
+    FROM chosen
+    WHERE delivered_id > $7
+    ORDER BY delivered_id
+    LIMIT $8
+), requeued AS (
+    INSERT INTO outbox_events (seq, id, topic, key, payload, headers, event_type, created_at)
+    SELECT p.seq, p.event_id, p.topic, p.key, p.payload,
+           p.headers || jsonb_build_object('outbox-republished-at', $9::text), p.event_type,
+           p.created_at
+    FROM picked AS p
+    ORDER BY p.seq
+    ON CONFLICT (seq) DO NOTHING
+    RETURNING seq
+)
+SELECT (SELECT count(*) FROM picked) AS picked, (SELECT count(*) FROM requeued) AS republished,
+       (SELECT max(delivered_id) FROM picked) AS last;
+
 -- The `status_*` family: `outbox-relay status` (relay/status.py), run in one read-only
 -- REPEATABLE READ transaction with the relay's planner settings, so that every statement walks
 -- an index and none counts a whole table unless asked: a count stops at $1 rows (NULL: all,
 -- `--exact`) and the caller falls back to pg_stat's running estimate above it.
 
 -- name: status_now --
-SELECT now() AS now, to_regclass('outbox_events') IS NOT NULL AS migrated;
+SELECT now() AS now, to_regclass('outbox_events') IS NOT NULL AS migrated,
+       to_regclass('outbox_delivered') IS NOT NULL AS has_history;
+
+-- name: status_history --
+-- The delivered history (migration 0008): rows counted up to $1, and the oldest row (the
+-- head of the primary key, which retention walks).
+SELECT (SELECT count(*) FROM (SELECT 1 FROM outbox_delivered LIMIT $1) AS h) AS counted,
+       (SELECT delivered_at FROM outbox_delivered ORDER BY delivered_id LIMIT 1) AS oldest;
 
 -- name: status_counts --
 -- Rows of each table, counted up to $1 (index-only scans of the primary keys).
@@ -408,4 +534,5 @@ LIMIT 1;
 SELECT s.relname AS name, s.n_live_tup, s.n_dead_tup, s.last_vacuum, s.last_autovacuum,
        s.last_analyze, s.last_autoanalyze, pg_total_relation_size(s.relid) AS size_bytes
 FROM pg_stat_user_tables AS s
-WHERE s.relid IN ('outbox_events'::regclass, 'outbox_dead_letters'::regclass);
+WHERE s.relid IN ('outbox_events'::regclass, 'outbox_dead_letters'::regclass,
+                 to_regclass('outbox_delivered'));

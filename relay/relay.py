@@ -24,8 +24,10 @@ from outbox.relay.seams import (
     BrokerUnavailableError,
     Claim,
     Dead,
+    Position,
     Publisher,
     PublishResult,
+    RecordsPositions,
     Store,
     StoreUnavailableError,
 )
@@ -68,6 +70,7 @@ class Relay:
         shutdown_timeout: float = 10.0,
         backlog_interval: float = 5.0,
         rand: Callable[[], float] = random.random,
+        record_positions: bool = False,
     ) -> None:
         self.store = store
         self.publisher = publisher
@@ -88,6 +91,12 @@ class Relay:
         self._stopping = asyncio.Event()
         self._changed = asyncio.Condition()
         self._next_rebalance = 0.0
+        #: `record_positions` (history on): the publisher that says where the broker stored
+        #: each event; the positions go with the deletes into outbox_delivered.
+        self._recorder: RecordsPositions | None = None
+        if record_positions and isinstance(publisher, RecordsPositions):
+            self._recorder = publisher
+            publisher.positions = {}
 
     # -- control -------------------------------------------------------------------------------
 
@@ -305,6 +314,7 @@ class Relay:
                         if results is None:  # broker down: nothing moves, nothing skips ahead
                             await pipe.drop_prefetch()
                             continue
+                        where = self._take_positions()
                         plan = sort_results(
                             batch,
                             results,
@@ -316,7 +326,7 @@ class Relay:
                         held += plan.pending(batch)
                         pipe.gate.close_all(plan.gate)
                         await pipe.finish_settling()
-                        pipe.settle(batch, parked, self._settle(plan, len(parked)))
+                        pipe.settle(batch, parked, self._settle(plan, len(parked), where))
                         if plan.broker_refusal is not None:
                             await pipe.drop_prefetch()
                             await self._broker_down(str(plan.broker_refusal), len(batch))
@@ -412,13 +422,28 @@ class Relay:
             log.info("broker_recovered", after_failures=self._breaker.failures)
         self._breaker.record_success()
 
-    async def _settle(self, plan: Settlement, parked: int) -> None:
+    def _take_positions(self) -> dict[int, Position] | None:
+        """Where the broker stored the events of the last publish (None: not recorded). The
+        publisher gets a fresh dict, so the next publish cannot change these."""
+        recorder = self._recorder
+        if recorder is None or not recorder.positions:
+            return None
+        taken, recorder.positions = recorder.positions, {}
+        return taken
+
+    async def _settle(
+        self, plan: Settlement, parked: int, where: dict[int, Position] | None = None
+    ) -> None:
         """Record a published batch: delete what was acked, schedule retries, dead-letter."""
         self.stats.held_back += plan.held
         expected = len(plan.delivered) + len(plan.retries) + len(plan.dead)
         changed = 0
         if plan.delivered:
-            changed += await self.store.mark_delivered(plan.delivered)
+            if where:
+                positions = [where.get(seq) for seq in plan.delivered]
+                changed += await self.store.mark_delivered(plan.delivered, positions)
+            else:
+                changed += await self.store.mark_delivered(plan.delivered)
             self.stats.delivered += len(plan.delivered)
             log.debug("batch_published", delivered=len(plan.delivered))
         if plan.retries:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import uuid
 from pathlib import PurePosixPath
@@ -49,6 +50,20 @@ def parse_topic_modes(value: str) -> dict[str, str]:
             raise ValueError(f"topic {topic!r} is given twice")
         modes[topic] = mode
     return modes
+
+
+DURATION = re.compile(r"(\d{1,9}(?:\.\d+)?)([smhdw]?)")
+DURATION_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+def parse_duration(value: object) -> object:
+    """Seconds, or a number and a unit: 90s, 30m, 12h, 7d, 2w."""
+    if not isinstance(value, str):
+        return value
+    match = DURATION.fullmatch(value.strip())
+    if match is None:
+        raise ValueError(f"{value!r} is not a duration: seconds, or 90s, 30m, 12h, 7d, 2w")
+    return float(match[1]) * DURATION_SECONDS[match[2]]
 
 
 class RelaySettings(BaseSettings):
@@ -130,6 +145,23 @@ class RelaySettings(BaseSettings):
         None, ge=1, le=65535, description="serve Prometheus /metrics on this port (off if unset)"
     )
     metrics_host: str = Field("0.0.0.0", description="address the /metrics server binds")  # noqa: S104
+    history: Literal["off", "on"] = Field(
+        "off",
+        description="on: keep delivered events in outbox_delivered (PostgreSQL; "
+        "docs/operations.md#delivered-history)",
+    )
+    history_retention: float = Field(
+        7 * 86_400.0,
+        gt=0,
+        description="with history on, delete delivered events older than this: seconds, "
+        "or 30m, 12h, 7d, 2w",
+    )
+    dead_letter_retention: float | None = Field(
+        None,
+        gt=0,
+        description="delete dead letters older than this (default: keep them; never a "
+        "quarantine chain): seconds, or 30m, 12h, 7d, 2w",
+    )
 
     @field_validator("database_url", "redis_url", mode="before")
     @classmethod
@@ -161,6 +193,11 @@ class RelaySettings(BaseSettings):
                 raise ValueError(f"{value}: not readable by this user")
         return value
 
+    @field_validator("history_retention", "dead_letter_retention", mode="before")
+    @classmethod
+    def _parse_duration(cls, value: object) -> object:
+        return parse_duration(value)
+
     @field_validator("envelope_topics", mode="before")
     @classmethod
     def _parse_envelope_topics(cls, value: object) -> object:
@@ -185,6 +222,16 @@ class RelaySettings(BaseSettings):
         if not (is_postgres(value) or is_sqlite(value)):
             raise ValueError(f"{redact(value)!r} must start with postgresql:// or sqlite://")
         return value
+
+    @model_validator(mode="after")
+    def _check_retention_store(self) -> RelaySettings:
+        """History and retention are the PostgreSQL store's (SQLite is for demos and tests)."""
+        if is_sqlite(self.database_url):
+            if self.history == "on":
+                raise ValueError("history: needs PostgreSQL (database_url is SQLite)")
+            if self.dead_letter_retention is not None:
+                raise ValueError("dead_letter_retention: needs PostgreSQL (database_url is SQLite)")
+        return self
 
     @model_validator(mode="after")
     def _check_backoff(self) -> RelaySettings:

@@ -1,4 +1,6 @@
-"""Loads the named queries of `queries.sql`, the one place the relay's SQL lives."""
+"""Loads the named queries, the one place the relay's SQL lives: `queries.sql` for PostgreSQL,
+`queries_sqlite.sql` for SQLite. A statement that both run has the same name in both files;
+SQLite's own (PRAGMAs, sqlite_master) are named `sqlite_*` (tests/test_sqlite_embedded.py)."""
 
 from __future__ import annotations
 
@@ -18,4 +20,9 @@ def _parse(text: str) -> dict[str, str]:
     return queries
 
 
-QUERIES = MappingProxyType(_parse(files("outbox.relay").joinpath("queries.sql").read_text("utf-8")))
+def _load(name: str) -> MappingProxyType[str, str]:
+    return MappingProxyType(_parse(files("outbox.relay").joinpath(name).read_text("utf-8")))
+
+
+QUERIES = _load("queries.sql")
+SQLITE_QUERIES = _load("queries_sqlite.sql")

@@ -115,6 +115,15 @@ class OldestTransaction:
 
 
 @dataclass(frozen=True, slots=True)
+class History:
+    """The delivered history (outbox_delivered, `history = on`)."""
+
+    count: Count
+    #: When the oldest row was delivered; None when the table is empty.
+    oldest: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     now: datetime
     lease_seconds: float
@@ -130,6 +139,8 @@ class Status:
     orphan_buckets: list[int]
     tables: dict[str, TableHealth] = field(default_factory=dict)
     oldest_transaction: OldestTransaction | None = None
+    #: None before migration 0008.
+    history: History | None = None
 
     @property
     def live_relays(self) -> int:
@@ -259,6 +270,13 @@ async def _read(conn: asyncpg.Connection, lease_seconds: float, exact: bool) -> 
     waiting = await conn.fetchrow(QUERIES["status_waiting"], limit, FAR_FUTURE_SECONDS)
     assert waiting is not None
     quarantined = await conn.fetchval(QUERIES["status_quarantined_keys"], limit)
+    history = None
+    if head["has_history"]:
+        kept = await conn.fetchrow(QUERIES["status_history"], limit)
+        assert kept is not None
+        history = History(
+            _estimated(kept["counted"], estimate("outbox_delivered"), exact), kept["oldest"]
+        )
     return Status(
         now=now,
         lease_seconds=lease_seconds,
@@ -300,6 +318,7 @@ async def _read(conn: asyncpg.Connection, lease_seconds: float, exact: bool) -> 
         oldest_transaction=_oldest_transaction(
             await conn.fetchrow(QUERIES["status_oldest_transaction"])
         ),
+        history=history,
     )
 
 
@@ -415,6 +434,9 @@ def render_text(status: Status, verdict: list[str]) -> str:
         right=1,
     )
     fact("quarantined keys", counted(status.quarantined_keys))
+    if (h := status.history) is not None:
+        kept = counted(h.count) + ("" if h.count.exact else " (estimate)")
+        fact("history", kept + (f", oldest delivered {_when(h.oldest)}" if h.oldest else ""))
     fact("relays", f"{status.live_relays} live of {len(status.relays)}")
     lines += _table(
         [
@@ -529,6 +551,13 @@ def to_json(
         "quarantined_keys": {
             "count": status.quarantined_keys.count,
             "exact": status.quarantined_keys.exact,
+        },
+        "history": None
+        if (h := status.history) is None
+        else {
+            "count": h.count.count,
+            "exact": h.count.exact,
+            "oldest_delivered_at": _iso(h.oldest),
         },
         "lease_seconds": status.lease_seconds,
         "live_relays": status.live_relays,

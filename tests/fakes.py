@@ -2,11 +2,15 @@
 `SqliteStore` with, and a publisher that records what it was given.
 
 There is no in-memory store: a hand-written copy of the claim rule drifts from the real one, so
-the loop's tests run on `SqliteStore` (the claim rule: relay/ordering.py, `CLAIM_BATCH`).
+the loop's tests run on `SqliteStore` (the claim rule: relay/ordering.py, `claim_batch`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import shutil
+import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,9 +21,27 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 
 from outbox import DeadLetter, OutboxEvent
 from outbox.envelope import Envelope
+from outbox.relay import migrate
 from outbox.relay.seams import BrokerUnavailableError, Claim, PublishResult
-from outbox.relay.stores.sqlite import SqliteStore, create_schema
+from outbox.relay.stores.sqlite import SqliteStore
 from outbox.urls import sqlalchemy_async_url
+
+#: A SQLite file migrated to head, once per test process; each test gets a copy of it.
+_template: Path | None = None
+
+
+async def migrated_sqlite(path: Path) -> str:
+    """A SQLite outbox file at `path` with the schema of the migrations; its sqlite:/// URL."""
+    global _template
+    if _template is None:
+        workdir = tempfile.mkdtemp(prefix="outbox-template-")
+        atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+        template = Path(workdir) / "outbox.db"
+        # In a thread: Alembic's environment runs its own event loop.
+        await asyncio.to_thread(migrate.upgrade, f"sqlite:///{template}")
+        _template = template
+    shutil.copyfile(_template, path)
+    return f"sqlite:///{path}"
 
 
 class FakeClock:
@@ -71,8 +93,7 @@ class OutboxDb:
 
     @classmethod
     async def create(cls, path: Path, clock: FakeClock) -> OutboxDb:
-        url = f"sqlite:///{path}"
-        await create_schema(url)
+        url = await migrated_sqlite(path)
         return cls(url, clock, create_async_engine(sqlalchemy_async_url(url)))
 
     async def close(self) -> None:

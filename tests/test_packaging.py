@@ -67,6 +67,8 @@ def test_lean_install_then_extras(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("outbox-*.whl")
     venv.create(tmp_path / "venv", with_pip=True)
     bin_dir = tmp_path / "venv" / "bin"
+    # The fresh venv sees only what it installed: no OUTBOX_* settings, no PYTHONPATH.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "PYTHON"))}
 
     def pip_install(requirement: str) -> set[str]:
         subprocess.run(
@@ -74,24 +76,25 @@ def test_lean_install_then_extras(tmp_path: Path) -> None:
             check=True,
             timeout=600,
             cwd=tmp_path,
+            env=clean,
         )
         listed = subprocess.run(
             [bin_dir / "python", "-m", "pip", "list", "--format", "freeze"],
             check=True,
             capture_output=True,
             text=True,
+            env=clean,
         ).stdout
         return {line.split("==")[0].lower() for line in listed.split()}
 
     def relay_cli(*args: str) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
         return subprocess.run(
             [bin_dir / "outbox-relay", *args],
             capture_output=True,
             text=True,
             timeout=60,
             cwd=tmp_path,
-            env=env,
+            env=clean,
         )
 
     installed = pip_install(str(wheel))
@@ -102,7 +105,9 @@ def test_lean_install_then_extras(tmp_path: Path) -> None:
         "from outbox import OutboxEvent, enqueue\n"
         "print(OutboxEvent(topic='orders', key='42', payload={'total': 1}).topic)\n"
     )
-    done = subprocess.run([bin_dir / "python", "-c", writer], capture_output=True, text=True)
+    done = subprocess.run(
+        [bin_dir / "python", "-c", writer], capture_output=True, text=True, env=clean
+    )
     assert done.stdout.strip() == "orders", done.stderr
     done = relay_cli("--help")
     assert done.returncode == 2

@@ -15,7 +15,14 @@ from outbox.envelope import Envelope
 from outbox.relay.ordering import PoisonPolicy
 from outbox.relay.relay import Relay, RelayStats
 from outbox.relay.retry import CircuitBreaker, PollPacer, RetryPolicy
-from outbox.relay.seams import Claim, Failure, PublishResult, StoreUnavailableError, Verdict
+from outbox.relay.seams import (
+    Claim,
+    Failure,
+    Position,
+    PublishResult,
+    StoreUnavailableError,
+    Verdict,
+)
 from outbox.relay.stores.sqlite import SqliteStore
 from outbox.relay.testing import FaultInjector
 from tests.fakes import FakeClock, OutboxDb, RecordingPublisher, TrackedSqliteStore
@@ -558,11 +565,13 @@ class FailsToSettleOnce(TrackedSqliteStore):
         super().__init__(db.url, clock=db.clock)
         self.failed = False
 
-    async def mark_delivered(self, seqs: Sequence[int]) -> int:
+    async def mark_delivered(
+        self, seqs: Sequence[int], positions: Sequence[Position | None] = ()
+    ) -> int:
         if not self.failed:
             self.failed = True
             raise StoreUnavailableError("connection was closed in the middle of operation")
-        return await super().mark_delivered(seqs)
+        return await super().mark_delivered(seqs, positions)
 
 
 async def test_the_store_failing_while_a_settle_finishes_is_an_outage_not_a_crash(

@@ -28,9 +28,9 @@ from outbox.relay.seams import (
     StoreUnavailableError,
     Verdict,
 )
-from outbox.relay.stores.sqlite import SqliteStore, create_schema
+from outbox.relay.stores.sqlite import SqliteStore
 from outbox.urls import sqlalchemy_async_url
-from tests.fakes import FakeClock
+from tests.fakes import FakeClock, migrated_sqlite
 
 pytestmark = pytest.mark.unit
 
@@ -41,9 +41,7 @@ WAIT = 5.0
 
 @pytest.fixture
 async def url(tmp_path: Path) -> str:
-    database_url = f"sqlite:///{tmp_path / 'outbox.db'}"
-    await create_schema(database_url)
-    return database_url
+    return await migrated_sqlite(tmp_path / "outbox.db")
 
 
 @pytest.fixture
@@ -301,7 +299,7 @@ def test_urls_without_a_file_are_refused(bad_url: str) -> None:
 
 async def test_start_refuses_a_missing_file_or_missing_tables(tmp_path: Path) -> None:
     missing = tmp_path / "missing.db"
-    with pytest.raises(FileNotFoundError, match="create_schema"):
+    with pytest.raises(FileNotFoundError, match="outbox-relay migrate --database-url sqlite:///"):
         await SqliteStore(f"sqlite:///{missing}").start("r")
     assert not missing.exists()
 

@@ -238,8 +238,9 @@ ARGS: dict[str, tuple[tuple[object, ...], tuple[object, ...]]] = {
     "status_orphan_buckets": ((15.0,), (15.0,)),
     "status_tables": ((), ()),
     "status_oldest_transaction": ((), ()),
+    "status_history": ((CAP,), (None,)),
 }
-OUTBOX_TABLES = {"outbox_events", "outbox_dead_letters"}
+OUTBOX_TABLES = {"outbox_events", "outbox_dead_letters", "outbox_delivered"}
 
 
 def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -323,8 +324,8 @@ def test_sqlite_is_not_supported() -> None:
     done = cli("status", "--database-url", "sqlite:///demo.db")
     assert done.returncode == 2
     assert done.stderr == (
-        "outbox-relay: error: status: not supported for sqlite:// (the demo store); "
-        "use a postgresql:// URL\n"
+        "outbox-relay: error: database_url: status needs a postgresql:// URL (on SQLite, one "
+        "relay: `outbox-relay dlq count` and `outbox-relay migrate --check`)\n"
     )
 
 

@@ -22,10 +22,10 @@ from outbox.relay.relay import Relay
 from outbox.relay.retry import RetryPolicy
 from outbox.relay.seams import Dead, Retry, Store
 from outbox.relay.stores.postgres import PostgresStore
-from outbox.relay.stores.sqlite import SqliteStore, create_schema
+from outbox.relay.stores.sqlite import SqliteStore
 from outbox.relay.testing import FaultInjector
 from outbox.urls import sqlalchemy_async_url
-from tests.fakes import RecordingPublisher
+from tests.fakes import RecordingPublisher, migrated_sqlite
 
 
 @dataclass
@@ -57,8 +57,7 @@ async def started(url: str, store: Store) -> AsyncIterator[Backend]:
 
 @pytest.fixture
 async def sqlite_backend(tmp_path: Path) -> AsyncIterator[Backend]:
-    url = f"sqlite:///{tmp_path / 'outbox.db'}"
-    await create_schema(url)
+    url = await migrated_sqlite(tmp_path / "outbox.db")
     async for backend in started(url, SqliteStore(url)):
         yield backend
 

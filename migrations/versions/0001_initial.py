@@ -1,5 +1,9 @@
 """Outbox tables, dead letters, bucket leases, relays, the NOTIFY trigger.
 
+Every migration runs on PostgreSQL and on SQLite (the embedded mode: one relay, one file).
+Where a feature is PostgreSQL's own (JSONB, reloptions, PL/pgSQL, NOTIFY), SQLite gets its
+equivalent or nothing: JSON text checked with json_type(), no NOTIFY (its relay polls).
+
 Revision ID: 0001
 Revises:
 Create Date: 2026-11-25
@@ -18,6 +22,9 @@ depends_on: str | Sequence[str] | None = None
 
 BUCKETS = 64  # frozen here on purpose: a migration never follows later code changes
 TZ = sa.DateTime(timezone=True)
+JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+#: SQLite numbers rows only through an INTEGER PRIMARY KEY (the rowid).
+SEQ = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 # Delete-heavy queue table: vacuum early and often, never throttled, so dead tuples stay few.
 QUEUE_STORAGE = (
@@ -27,16 +34,21 @@ QUEUE_STORAGE = (
 )
 
 
+def is_sqlite() -> bool:
+    return op.get_context().dialect.name == "sqlite"
+
+
 def upgrade() -> None:
+    sqlite = is_sqlite()
     op.create_table(
         "outbox_events",
-        sa.Column("seq", sa.BigInteger(), sa.Identity(), nullable=False),
+        sa.Column("seq", SEQ, sa.Identity(), nullable=False),
         sa.Column("id", sa.Uuid(), nullable=False),
         sa.Column("topic", sa.Text(), nullable=False),
         sa.Column("key", sa.Text(), nullable=True),
         sa.Column("bucket", sa.SmallInteger(), server_default="0", nullable=False),
-        sa.Column("payload", postgresql.JSONB(), nullable=False),
-        sa.Column("headers", postgresql.JSONB(), server_default="{}", nullable=False),
+        sa.Column("payload", JSON, nullable=False),
+        sa.Column("headers", JSON, server_default="{}", nullable=False),
         sa.Column("event_type", sa.Text(), nullable=True),
         sa.Column("created_at", TZ, server_default=sa.func.now(), nullable=False),
         sa.Column("available_at", TZ, server_default=sa.func.now(), nullable=False),
@@ -56,8 +68,17 @@ def upgrade() -> None:
             f"bucket >= 0 AND bucket < {BUCKETS}", name=op.f("ck_outbox_events_bucket_range")
         ),
         sa.CheckConstraint(
-            "jsonb_typeof(headers) = 'object'", name=op.f("ck_outbox_events_headers_object")
+            f"{'json_type' if sqlite else 'jsonb_typeof'}(headers) = 'object'",
+            name=op.f("ck_outbox_events_headers_object"),
         ),
+        # SQLite keeps JSON as text: refuse what jsonb would refuse.
+        *(
+            [sa.CheckConstraint("json_valid(payload)", name=op.f("ck_outbox_events_payload_json"))]
+            if sqlite
+            else []
+        ),
+        # SQLite: never reuse a seq after the table empties (consumers may order by it).
+        sqlite_autoincrement=True,
     )
     # Only rows that wait (delayed, or retrying) are indexed: a plain insert pays for no index
     # but the primary key. The claim finds waiting keys through it.
@@ -66,18 +87,20 @@ def upgrade() -> None:
         "outbox_events",
         ["available_at"],
         postgresql_where=sa.text("available_at > created_at"),
+        sqlite_where=sa.text("available_at > created_at"),
     )
-    op.execute(f"ALTER TABLE outbox_events SET ({QUEUE_STORAGE})")
+    if not sqlite:
+        op.execute(f"ALTER TABLE outbox_events SET ({QUEUE_STORAGE})")
 
     op.create_table(
         "outbox_dead_letters",
-        sa.Column("dead_letter_id", sa.BigInteger(), sa.Identity(), nullable=False),
+        sa.Column("dead_letter_id", SEQ, sa.Identity(), nullable=False),
         sa.Column("event_id", sa.Uuid(), nullable=False),
         sa.Column("original_seq", sa.BigInteger(), nullable=False),
         sa.Column("topic", sa.Text(), nullable=False),
         sa.Column("key", sa.Text(), nullable=True),
-        sa.Column("payload", postgresql.JSONB(), nullable=False),
-        sa.Column("headers", postgresql.JSONB(), nullable=False),
+        sa.Column("payload", JSON, nullable=False),
+        sa.Column("headers", JSON, nullable=False),
         sa.Column("event_type", sa.Text(), nullable=True),
         sa.Column("created_at", TZ, nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
@@ -121,7 +144,10 @@ def upgrade() -> None:
         ),
     )
     op.execute(
-        f"INSERT INTO outbox_bucket_leases (bucket) SELECT generate_series(0, {BUCKETS - 1})"
+        "WITH RECURSIVE b(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM b WHERE n < "
+        f"{BUCKETS - 1}) INSERT INTO outbox_bucket_leases (bucket) SELECT n FROM b"
+        if sqlite
+        else f"INSERT INTO outbox_bucket_leases (bucket) SELECT generate_series(0, {BUCKETS - 1})"
     )
 
     op.create_table(
@@ -134,6 +160,8 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("relay_id", name="pk_outbox_relays"),
     )
 
+    if sqlite:
+        return
     # One NOTIFY per statement with a constant payload; Postgres folds identical notifications
     # of one transaction into one, so a transaction wakes the relays at most once.
     op.execute(
@@ -153,8 +181,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP TRIGGER IF EXISTS outbox_events_notify ON outbox_events")
-    op.execute("DROP FUNCTION IF EXISTS outbox_notify()")
+    if not is_sqlite():
+        op.execute("DROP TRIGGER IF EXISTS outbox_events_notify ON outbox_events")
+        op.execute("DROP FUNCTION IF EXISTS outbox_notify()")
     op.drop_table("outbox_relays")
     op.drop_table("outbox_bucket_leases")
     op.drop_index("ix_outbox_dead_letters_last_failed_at", table_name="outbox_dead_letters")

@@ -28,31 +28,33 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # Two events written with one id (nothing forbids it in outbox_events) could not both be
-    # dead-lettered: the second move failed on this key and crash-looped the relay.
-    op.drop_constraint("uq_outbox_dead_letters_event_id", "outbox_dead_letters", type_="unique")
+    # Batch mode: SQLite cannot drop a constraint or add a CHECK in place, so it copies the
+    # table; PostgreSQL runs the same operations as plain ALTER TABLE statements.
+    with op.batch_alter_table("outbox_dead_letters") as batch:
+        # Two events written with one id (nothing forbids it in outbox_events) could not both
+        # be dead-lettered: the second move failed on this key and crash-looped the relay.
+        batch.drop_constraint("uq_outbox_dead_letters_event_id", type_="unique")
+        batch.add_column(
+            sa.Column("holds_key", sa.Boolean(), server_default=sa.false(), nullable=False)
+        )
+        batch.add_column(sa.Column("held_behind", sa.Uuid(), nullable=True))
+        batch.create_check_constraint(
+            op.f("ck_outbox_dead_letters_only_keys_are_held"), "key IS NOT NULL OR NOT holds_key"
+        )
     op.create_index("ix_outbox_dead_letters_event_id", "outbox_dead_letters", ["event_id"])
-    op.add_column(
-        "outbox_dead_letters",
-        sa.Column("holds_key", sa.Boolean(), server_default=sa.false(), nullable=False),
-    )
-    op.add_column("outbox_dead_letters", sa.Column("held_behind", sa.Uuid(), nullable=True))
-    op.create_check_constraint(
-        op.f("ck_outbox_dead_letters_only_keys_are_held"),
-        "outbox_dead_letters",
-        "key IS NOT NULL OR NOT holds_key",
-    )
     op.create_index(
         "ix_outbox_dead_letters_quarantine",
         "outbox_dead_letters",
         ["key", "original_seq"],
         postgresql_where=sa.text("holds_key"),
+        sqlite_where=sa.text("holds_key"),
     )
     op.create_index(
         "ix_outbox_events_waiting_key",
         "outbox_events",
         ["key", "seq", "available_at"],
         postgresql_where=sa.text("available_at > created_at"),
+        sqlite_where=sa.text("available_at > created_at"),
     )
     op.drop_index("ix_outbox_events_waiting", table_name="outbox_events")
 
@@ -63,15 +65,13 @@ def downgrade() -> None:
         "outbox_events",
         ["available_at"],
         postgresql_where=sa.text("available_at > created_at"),
+        sqlite_where=sa.text("available_at > created_at"),
     )
     op.drop_index("ix_outbox_events_waiting_key", table_name="outbox_events")
     op.drop_index("ix_outbox_dead_letters_quarantine", table_name="outbox_dead_letters")
-    op.drop_constraint(
-        op.f("ck_outbox_dead_letters_only_keys_are_held"), "outbox_dead_letters", type_="check"
-    )
-    op.drop_column("outbox_dead_letters", "held_behind")
-    op.drop_column("outbox_dead_letters", "holds_key")
     op.drop_index("ix_outbox_dead_letters_event_id", table_name="outbox_dead_letters")
-    op.create_unique_constraint(
-        "uq_outbox_dead_letters_event_id", "outbox_dead_letters", ["event_id"]
-    )
+    with op.batch_alter_table("outbox_dead_letters") as batch:
+        batch.drop_constraint(op.f("ck_outbox_dead_letters_only_keys_are_held"), type_="check")
+        batch.drop_column("held_behind")
+        batch.drop_column("holds_key")
+        batch.create_unique_constraint("uq_outbox_dead_letters_event_id", ["event_id"])

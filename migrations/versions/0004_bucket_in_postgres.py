@@ -26,6 +26,10 @@ Downgrade: drops the trigger and puts back the buckets the Python writers of 000
 crc32 of the UTF-8 key (or id) modulo 64, with a temporary PL/pgSQL crc32 (15 s per million
 rows of short keys).
 
+SQLite (one relay, which owns every bucket) has no hashtext() and its triggers cannot change
+NEW: AFTER triggers set the bucket to a cheap hash of the same text (first and last character,
+length), so every event of one key shares one bucket there too, whoever writes it.
+
 Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-02
@@ -43,7 +47,37 @@ depends_on: str | Sequence[str] | None = None
 BUCKET = "hashtext(coalesce(key, id::text)) & 63"  # frozen here: 64 buckets
 
 
+def sqlite_bucket(row: str) -> str:
+    """SQLite's bucket of `row`'s key (or id): any hash does, as long as it is a function of
+    that text alone; never NULL, since a key or an id is never empty."""
+    text = f"coalesce({row}key, {row}id)"
+    return f"((unicode({text}) + 7 * unicode(substr({text}, -1)) + 31 * length({text})) % 64)"
+
+
+SQLITE_TRIGGERS = (
+    f"""
+    CREATE TRIGGER outbox_events_bucket AFTER INSERT ON outbox_events
+    BEGIN
+        UPDATE outbox_events SET bucket = {sqlite_bucket("NEW.")}
+        WHERE seq = NEW.seq AND bucket <> {sqlite_bucket("NEW.")};
+    END
+    """,
+    f"""
+    CREATE TRIGGER outbox_events_bucket_update AFTER UPDATE OF key, id, bucket ON outbox_events
+    BEGIN
+        UPDATE outbox_events SET bucket = {sqlite_bucket("NEW.")}
+        WHERE seq = NEW.seq AND bucket <> {sqlite_bucket("NEW.")};
+    END
+    """,
+)
+
+
 def upgrade() -> None:
+    if op.get_context().dialect.name == "sqlite":
+        for statement in SQLITE_TRIGGERS:
+            op.execute(statement)
+        op.execute(f"UPDATE outbox_events SET bucket = {sqlite_bucket('')}")
+        return
     op.execute(
         """
         CREATE FUNCTION outbox_bucket() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -64,6 +98,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    if op.get_context().dialect.name == "sqlite":  # the buckets stay: one relay owns them all
+        op.execute("DROP TRIGGER outbox_events_bucket_update")
+        op.execute("DROP TRIGGER outbox_events_bucket")
+        return
     op.execute("DROP TRIGGER outbox_events_bucket ON outbox_events")
     op.execute("DROP FUNCTION outbox_bucket()")
     op.execute(

@@ -40,15 +40,19 @@ $$
 
 
 def upgrade() -> None:
-    op.execute(LAST_SEQ_FUNCTION)
+    sqlite = op.get_context().dialect.name == "sqlite"
+    if not sqlite:  # SQLite has one relay and no floor; the index is the same on both
+        op.execute(LAST_SEQ_FUNCTION)
     op.create_index(
         "ix_outbox_events_waiting_seq",
         "outbox_events",
         ["seq"],
         postgresql_where=sa.text("available_at > created_at"),
+        sqlite_where=sa.text("available_at > created_at"),
     )
 
 
 def downgrade() -> None:
     op.drop_index("ix_outbox_events_waiting_seq", table_name="outbox_events")
-    op.execute("DROP FUNCTION IF EXISTS outbox_last_seq()")
+    if op.get_context().dialect.name != "sqlite":
+        op.execute("DROP FUNCTION IF EXISTS outbox_last_seq()")

@@ -65,6 +65,7 @@ from outbox.relay.seams import (
     BrokerUnavailableError,
     ConfigurationError,
     Failure,
+    Position,
     PublishResult,
     Verdict,
 )
@@ -135,6 +136,8 @@ class KafkaPublisher:
         self._probe_interval = probe_interval
         self._producer: Any = None
         self._dirty = False
+        #: Partition and offset of each acked event (RecordsPositions); None: not recorded.
+        self.positions: dict[int, Position] | None = None
         self._disposals: set[asyncio.Task[None]] = set()
         self._partitions = _KeyPartitions()
         #: Topics the broker called invalid (a name stays invalid).
@@ -312,6 +315,8 @@ class KafkaPublisher:
 
     async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
         self._abort_reason = None
+        if self.positions is not None:
+            self.positions.clear()
         producer = self._producer
         if producer is None:
             producer = await self._start_producer()
@@ -469,11 +474,14 @@ class KafkaPublisher:
             timer.cancel()
             await watchdog.stop()
         resend: list[int] = []
+        positions = self.positions
         for (i, _), outcome in zip(pending, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 event = batch[i]
                 self._failed(i, event, names[i], outcome, results, resend, alone, in_batch=True)
                 blocked.close(event)
+            elif positions is not None:  # a RecordMetadata
+                positions[batch[i].seq] = Position(outcome.partition, outcome.offset)
         if deferred and self._abort_reason is None:
             await self._send_one_by_one(batch, names, deferred, results, resend, alone, blocked)
         elif deferred:
@@ -552,7 +560,9 @@ class KafkaPublisher:
             try:
                 future = await self._send_alone(producer, topic, event)
                 outcome: BaseException | None = None
-                await future
+                metadata = await future
+                if self.positions is not None:
+                    self.positions[event.seq] = Position(metadata.partition, metadata.offset)
             except Exception as exc:  # noqa: BLE001 - any send error is that event's result
                 outcome = exc
             finally:

@@ -88,6 +88,7 @@ from outbox.relay.seams import (
     BrokerUnavailableError,
     ConfigurationError,
     Failure,
+    Position,
     PublishResult,
     Verdict,
 )
@@ -307,6 +308,9 @@ class RedisPublisher:
         check_options(self._client, url)
         #: Each segment as one MULTI/EXEC transaction; off when the server refuses MULTI.
         self.atomic = True
+        #: The stream entry id of each acked event (RecordsPositions); None: not recorded.
+        self.positions: dict[int, Position] | None = None
+        self._last_replies: list[Any] = []
 
     async def start(self) -> None:
         if self.mode == "pubsub":
@@ -357,6 +361,8 @@ class RedisPublisher:
         names = [(prefix + event.topic).encode() for event in batch]
         keys = [event.key for event in batch]
         results: list[PublishResult] = [None] * len(batch)
+        if self.positions is not None:
+            self.positions.clear()
         pool = self._client.connection_pool
         try:
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]
@@ -380,6 +386,8 @@ class RedisPublisher:
                 if send:
                     commands = [self._command(batch[i], names[i]) for i in send]
                     answers = await self._exchange(conn, commands, [names[i] for i in send])
+                    if self.positions is not None:
+                        self._note_positions(batch, send)
                     if not any(answers):  # all delivered: results[i] is None already
                         done = segment.stop
                         continue
@@ -411,13 +419,23 @@ class RedisPublisher:
                 raise BrokerUnavailableError(f"redis {redact(self.url)}: {refusal.message}")
         return results
 
+    def _note_positions(self, batch: Sequence[Envelope], send: list[int]) -> None:
+        """The entry ids XADD answered (the last `_exchange`) of the events sent."""
+        positions = self.positions
+        assert positions is not None
+        for i, reply in zip(send, self._last_replies, strict=False):
+            if type(reply) is bytes:  # an entry id (not a count of PUBLISH, nor an error)
+                positions[batch[i].seq] = Position(None, None, reply.decode())
+
     async def _exchange(
         self, conn: AbstractConnection, commands: list[bytes], names: list[bytes]
     ) -> list[PublishResult]:
         """Send one segment in one write, as a transaction if `atomic`; one result per command."""
+        self._last_replies = []
         if not self.atomic:
             await conn.send_packed_command(b"".join(commands))
             replies = await _replies(conn, len(commands))
+            self._last_replies = replies
             return [self._result(reply, name) for reply, name in zip(replies, names, strict=True)]
         await conn.send_packed_command(b"".join([MULTI, *commands, EXEC]))
         opened, *queued, executed = await _replies(conn, len(commands) + 2)
@@ -428,8 +446,10 @@ class RedisPublisher:
                 log.warning(
                     "redis_multi_refused", error=classify(opened).message, fallback="pipeline"
                 )
+            self._last_replies = queued
             return [self._result(reply, name) for reply, name in zip(queued, names, strict=True)]
         if isinstance(executed, list):
+            self._last_replies = executed
             return [self._result(reply, name) for reply, name in zip(executed, names, strict=True)]
         # Refused as a whole: nothing ran. A command refused when it was queued is the cause.
         culprits = [

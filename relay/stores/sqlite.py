@@ -1,9 +1,10 @@
-"""The SQLite store: one relay on one SQLite file, for demos, development and fast tests.
+"""The SQLite store: one relay on one SQLite file (the embedded mode), for small
+single-process applications, demos, development and fast tests.
 
-PostgreSQL is for production (several relays sharing key buckets through leases, LISTEN/NOTIFY,
-Alembic migrations). SQLite has no migrations: `create_schema()` creates the tables from
-`outbox.metadata`. The hot path uses a raw `aiosqlite` connection, not SQLAlchemy, and the SQL
-lives here as the named constants below, because relay/queries.sql is PostgreSQL-specific.
+PostgreSQL is for production at scale (several relays sharing key buckets through leases,
+LISTEN/NOTIFY). SQLite gets its tables from the same Alembic migrations (`outbox-relay migrate
+--database-url sqlite:///app.db`). The hot path uses a raw `aiosqlite` connection, not
+SQLAlchemy; its SQL is in relay/queries_sqlite.sql, under the names of relay/queries.sql.
 
 Semantics match `PostgresStore` for a single relay: there are no leases (the relay owns every
 bucket, so run exactly one relay per database file), a claim returns the oldest available
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -30,83 +32,24 @@ from pathlib import Path
 
 import aiosqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from outbox.envelope import Envelope
-from outbox.models import metadata
-from outbox.relay.seams import Backlog, Claim, Dead, Retry, StoreUnavailableError, park
-from outbox.urls import is_sqlite, redact, sqlalchemy_async_url
+from outbox.relay.seams import (
+    Backlog,
+    Claim,
+    Dead,
+    Position,
+    Retry,
+    StoreUnavailableError,
+    park,
+)
+from outbox.relay.sql import SQLITE_QUERIES
+from outbox.urls import is_sqlite, redact
 from outbox.validation import BUCKETS
 
-# -- SQL ---------------------------------------------------------------------------------------
-# Named parameters (:now, ...) are bound by sqlite3. Times are naive UTC text (see above).
-
-#: The claim, as Postgres's `claim_batch` (relay/queries.sql; the rule: relay/ordering.py):
-#: oldest available events in seq order, skipping any event whose key has an earlier event
-#: waiting for a retry or a delayed delivery; `held_behind` names the poison event an event of
-#: a quarantined key is parked behind.
-CLAIM_BATCH = """
-SELECT e.seq, e.id, e.topic, e.key, e.payload, e.headers, e.event_type, e.created_at, e.attempts,
-       CASE WHEN e.key IS NOT NULL
-                 AND EXISTS (SELECT 1 FROM outbox_dead_letters WHERE holds_key)
-            THEN (SELECT coalesce(q.held_behind, q.event_id) FROM outbox_dead_letters AS q
-                  WHERE q.key = e.key AND q.holds_key
-                  ORDER BY q.original_seq LIMIT 1)
-       END AS held_behind
-FROM outbox_events AS e
-WHERE e.available_at <= :now
-  AND (e.key IS NULL
-       OR NOT EXISTS (SELECT 1 FROM outbox_events AS w
-                      WHERE w.available_at > :now AND w.available_at > w.created_at)
-       OR NOT EXISTS (SELECT 1 FROM outbox_events AS w
-                      WHERE w.key = e.key AND w.seq < e.seq
-                        AND w.available_at > w.created_at AND w.available_at > :now))
-ORDER BY e.seq
-LIMIT :limit
-"""
-
-DELETE_EVENT = "DELETE FROM outbox_events WHERE seq = :seq"
-
-SCHEDULE_RETRY = """
-UPDATE outbox_events
-SET attempts = attempts + 1,
-    available_at = :available_at,
-    first_failed_at = coalesce(first_failed_at, :now),
-    last_error = :error
-WHERE seq = :seq
-"""
-
-#: Step 1 of a move (step 2 deletes what was copied, in the same transaction). The max() keeps
-#: the table's CHECK first_failed_at <= last_failed_at true even if the clock stepped back.
-#: A parked event (:held_behind set) moves only while its key is still held, and made no
-#: attempt (as in Postgres's `move_to_dead_letters`).
-COPY_TO_DEAD_LETTERS = """
-INSERT INTO outbox_dead_letters (event_id, original_seq, topic, key, payload, headers, event_type,
-                                 created_at, attempts, first_failed_at, last_failed_at,
-                                 error_class, error_message, relay_id, holds_key, held_behind)
-SELECT id, seq, topic, key, payload, headers, event_type, created_at,
-       attempts + (:held_behind IS NULL),
-       coalesce(first_failed_at, :now), max(:now, coalesce(first_failed_at, :now)),
-       :error_class, :error_message, :relay_id, :holds_key, :held_behind
-FROM outbox_events AS e
-WHERE seq = :seq
-  AND (:held_behind IS NULL
-       OR EXISTS (SELECT 1 FROM outbox_dead_letters AS q WHERE q.key = e.key AND q.holds_key))
-"""
-
-
-BACKLOG = """
-SELECT count(*), (SELECT created_at FROM outbox_events ORDER BY seq LIMIT 1) FROM outbox_events
-"""
-
-TABLES_PRESENT = """
-SELECT count(*) FROM sqlite_master
-WHERE type = 'table' AND name IN ('outbox_events', 'outbox_dead_letters')
-"""
-
-ENABLE_WAL = "PRAGMA journal_mode = WAL"
-
-# ----------------------------------------------------------------------------------------------
+#: The named statements of relay/queries_sqlite.sql. Named parameters (:now, ...) are bound by
+#: sqlite3; times are naive UTC text (see above).
+SQL = SQLITE_QUERIES
 
 #: Primary result codes that mean "busy or unreachable now", not "this statement is wrong".
 TRANSIENT_CODES = frozenset(
@@ -156,22 +99,8 @@ def database_path(database_url: str) -> Path:
     return Path(database)
 
 
-async def create_schema(database_url: str) -> None:
-    """Create the outbox tables in a SQLite file (created if missing) and switch it to WAL.
-
-    SQLite has no Alembic migrations; `outbox-relay migrate` is for PostgreSQL, the production
-    database. Tables that already exist are left alone.
-    """
-    database_path(database_url)  # rejects non-file URLs before anything is created
-    engine = create_async_engine(sqlalchemy_async_url(database_url))
-    try:
-        async with engine.connect() as conn:
-            # WAL is persistent: the application's connections get it too.
-            await conn.exec_driver_sql(ENABLE_WAL)
-            await conn.run_sync(metadata.create_all)
-            await conn.commit()
-    finally:
-        await engine.dispose()
+def migrate_hint(path: Path) -> str:
+    return f"run `outbox-relay migrate --database-url sqlite:///{path}`"
 
 
 class SqliteStore:
@@ -207,8 +136,7 @@ class SqliteStore:
         if not self.path.is_file():
             # Opening would silently create an empty database.
             raise FileNotFoundError(
-                f"{self.path}: no such SQLite database (create it with "
-                "outbox.relay.stores.sqlite.create_schema)"
+                f"{self.path}: no such SQLite database ({migrate_hint(self.path)})"
             )
         try:
             # mode=rw: never create the file; isolation_level=None: we issue BEGIN ourselves.
@@ -219,8 +147,8 @@ class SqliteStore:
             raise StoreUnavailableError(f"{self.path}: {exc}") from exc
         try:
             await conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
-            await conn.execute(ENABLE_WAL)  # a no-op when create_schema() already did it
-            ((tables,),) = await conn.execute_fetchall(TABLES_PRESENT)
+            await conn.execute(SQL["sqlite_enable_wal"])  # a no-op when migrate did it
+            ((tables,),) = await conn.execute_fetchall(SQL["sqlite_tables"])
         except BaseException as exc:
             await conn.close()  # its worker thread would otherwise keep the process alive
             if isinstance(exc, sqlite3.OperationalError) and is_transient(exc):
@@ -229,8 +157,7 @@ class SqliteStore:
         if tables != 2:
             await conn.close()
             raise RuntimeError(
-                f"{self.path}: the outbox tables are missing (create them with "
-                "outbox.relay.stores.sqlite.create_schema)"
+                f"{self.path}: the outbox tables are missing ({migrate_hint(self.path)})"
             )
         self._conn = conn
 
@@ -273,7 +200,7 @@ class SqliteStore:
         # Fetch enough to make up for the in-flight rows, then leave those out here.
         params = {"now": db_time(self._clock()), "limit": limit + len(exclude)}
         async with self._guard() as conn:
-            rows = await conn.execute_fetchall(CLAIM_BATCH, params)
+            rows = await conn.execute_fetchall(SQL["claim_batch"], params)
         skip = set(exclude)
         rows = [row for row in rows if row[0] not in skip][:limit]
         full = len(rows) == limit
@@ -305,9 +232,12 @@ class SqliteStore:
         claim.full = full
         return claim
 
-    async def mark_delivered(self, seqs: Sequence[int]) -> int:
+    async def mark_delivered(
+        self, seqs: Sequence[int], positions: Sequence[Position | None] = ()
+    ) -> int:
+        # No history on SQLite (the settings refuse `history = on`): positions go unused.
         async with self._transaction() as conn:
-            cursor = await conn.executemany(DELETE_EVENT, [{"seq": seq} for seq in seqs])
+            cursor = await conn.executemany(SQL["delete_delivered"], [{"seq": seq} for seq in seqs])
             return cursor.rowcount
 
     async def schedule_retries(self, retries: Sequence[Retry]) -> int:
@@ -322,7 +252,7 @@ class SqliteStore:
             for r in retries
         ]
         async with self._transaction() as conn:
-            cursor = await conn.executemany(SCHEDULE_RETRY, params)
+            cursor = await conn.executemany(SQL["schedule_retries"], params)
             return cursor.rowcount
 
     async def move_to_dead_letters(self, dead: Sequence[Dead]) -> int:
@@ -342,9 +272,9 @@ class SqliteStore:
         async with self._transaction() as conn:
             moved = 0
             for param in params:
-                cursor = await conn.execute(COPY_TO_DEAD_LETTERS, param)
-                if cursor.rowcount == 1:
-                    await conn.execute(DELETE_EVENT, {"seq": param["seq"]})
+                cursor = await conn.execute(SQL["move_to_dead_letters"], param)
+                if cursor.rowcount == 1:  # copied: step 2 deletes it
+                    await conn.execute(SQL["delete_delivered"], {"seq": param["seq"]})
                     moved += 1
             return moved
 
@@ -357,7 +287,106 @@ class SqliteStore:
 
     async def backlog(self) -> Backlog:
         async with self._guard() as conn:
-            rows = list(await conn.execute_fetchall(BACKLOG))
+            rows = list(await conn.execute_fetchall(SQL["backlog"]))
         pending, oldest = rows[0]
         age = None if oldest is None else (self._clock() - parse_db_time(oldest)).total_seconds()
         return Backlog(pending, age)
+
+
+#: `?N`: the Nth parameter of a statement (standing for Postgres's `$N`).
+PARAMETER = re.compile(r"\?(\d+)")
+#: Between the statements of a block of several.
+STATEMENT_END = re.compile(r";\s*\n")
+
+
+def _bind(value: object) -> object:
+    """A parameter as SQLAlchemy stores it in SQLite; a list as a JSON array (for json_each)."""
+    if isinstance(value, uuid.UUID):
+        return value.hex
+    if isinstance(value, datetime):
+        return db_time(value)
+    if isinstance(value, list):
+        return json.dumps([_bind(item) for item in value])
+    return value
+
+
+class SqliteConnection:
+    """What `relay/admin.py` asks of an asyncpg connection (`fetch`, `fetchrow`,
+    `transaction`), on a SQLite file: the statements of queries_sqlite.sql, whose `?N` are
+    bound as asyncpg binds `$N`, and rows as dicts of the Python types asyncpg returns (UUID,
+    aware datetime, bool), told by column name. A block of several statements runs them in
+    order in one transaction and returns the first one's rows."""
+
+    dialect = "sqlite"
+    UUIDS = frozenset({"event_id", "held_behind", "head"})
+    TIMES = frozenset({"created_at", "first_failed_at", "last_failed_at", "oldest", "newest"})
+    BOOLS = frozenset({"holds_key"})
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls, database_url: str, *, busy_timeout: float = 5.0
+    ) -> AsyncIterator[SqliteConnection]:
+        path = database_path(database_url)
+        if not path.is_file():  # opening would create an empty database
+            raise FileNotFoundError(f"{path}: no such SQLite database ({migrate_hint(path)})")
+        conn = await aiosqlite.connect(
+            path.absolute().as_uri() + "?mode=rw", uri=True, isolation_level=None
+        )
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            yield cls(conn)
+        finally:
+            await conn.close()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        """BEGIN IMMEDIATE (the write lock up front, as SqliteStore) ... COMMIT."""
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self._conn.in_transaction:
+                await self._conn.execute("ROLLBACK")
+            raise
+        await self._conn.execute("COMMIT")
+
+    async def fetch(self, query: str, *args: object) -> list[dict[str, object]]:
+        statements = STATEMENT_END.split(query)
+        if len(statements) > 1 and not self._conn.in_transaction:
+            async with self.transaction():
+                return await self._run(statements, args)
+        return await self._run(statements, args)
+
+    async def fetchrow(self, query: str, *args: object) -> dict[str, object] | None:
+        rows = await self.fetch(query, *args)
+        return rows[0] if rows else None
+
+    async def _run(
+        self, statements: Sequence[str], args: Sequence[object]
+    ) -> list[dict[str, object]]:
+        params = [_bind(arg) for arg in args]
+        result: list[dict[str, object]] | None = None
+        for statement in statements:
+            count = max((int(n) for n in PARAMETER.findall(statement)), default=0)
+            async with self._conn.execute(statement, params[:count]) as cursor:
+                rows = await cursor.fetchall()
+                names = [column[0] for column in cursor.description or ()]
+            if result is None:
+                result = [self._row(names, row) for row in rows]
+        return result or []
+
+    def _row(self, names: Sequence[str], values: Sequence[object]) -> dict[str, object]:
+        row: dict[str, object] = {}
+        for name, value in zip(names, values, strict=True):
+            if value is not None and name in self.UUIDS:
+                value = uuid.UUID(str(value))
+            elif value is not None and name in self.TIMES:
+                value = parse_db_time(str(value))
+            elif name in self.BOOLS:
+                value = bool(value)
+            row[name] = value
+        return row
