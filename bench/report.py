@@ -171,6 +171,13 @@ def evaluate_targets(results: Result) -> list[Result]:
             )
         else:
             out.append(_target(f"{broker} latency at {t.latency_rate:,}/s", "-", None))
+        low = [r for r in rows if r["target_rate"] == t.latency_low_rate]
+        name = f"{broker} at {t.latency_low_rate:,}/s: p99 <= {t.p99_low_ms:.0f} ms"
+        if low:
+            measured = f"p50 {low[0]['p50_ms']:.1f} ms, p99 {low[0]['p99_ms']:.1f} ms"
+            out.append(_target(name, measured, low[0]["p99_ms"] <= t.p99_low_ms))
+        else:
+            out.append(_target(name, "-", None))
     over = _ok(results.get("overhead", []))
     name = f"writer overhead <= {t.writer_overhead_pct:.0f} % (checkout, `enqueue`)"
     if over:

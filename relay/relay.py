@@ -283,15 +283,22 @@ class Relay:
                 fresh = pipe.prefetch is None
                 try:
                     if fresh:
-                        await pipe.finish_settling()  # a fresh claim sees every settled change
-                        pipe.gate.clear()
-                        pipe.passed_over.clear()
-                        if await self._rebalance_if_due():
-                            floor.reset()  # new buckets: their events may lie below it
+                        # If the last batch was all delivered and its deletes are still being
+                        # written, claim beside them (leaving them out) instead of waiting.
+                        beside = not held and pipe.can_claim_beside() and not self._rebalance_due()
+                        if not beside:
+                            await pipe.finish_settling()  # a fresh claim sees every change
+                            pipe.gate.clear()
+                            pipe.passed_over.clear()
+                            if await self._rebalance_if_due():
+                                floor.reset()  # new buckets: their events may lie below it
+                            held.clear()  # a fresh claim sees them again
                         self._wake.clear()
-                        held.clear()  # a fresh claim sees them again
                         horizon, after = self.store.horizon(), floor.current(clock())
-                        claim = await self.store.claim(self.batch_size, after=after)
+                        exclude = pipe.settling_seqs if beside else []
+                        claim = await self.store.claim(
+                            self.batch_size, exclude=exclude, after=after
+                        )
                         if polled:
                             self.metrics.record_missed_wakeups(claim.events)
                             polled = False
@@ -327,6 +334,7 @@ class Relay:
                         pipe.gate.close_all(plan.gate)
                         await pipe.finish_settling()
                         pipe.settle(batch, parked, self._settle(plan, len(parked), where))
+                        pipe.settling_clean = len(plan.delivered) == len(batch) and not parked
                         if plan.broker_refusal is not None:
                             await pipe.drop_prefetch()
                             await self._broker_down(str(plan.broker_refusal), len(batch))
@@ -334,7 +342,8 @@ class Relay:
                         if batch:
                             self._broker_up()
                     if pipe.prefetch is None:
-                        await pipe.finish_settling()  # its errors are the store's, handled here
+                        if not claim:  # else the next claim waits for the settle, or runs beside
+                            await pipe.finish_settling()  # its errors are the store's, handled here
                         self.stats.idle = fresh and not claim
                     if self.stats.fenced_off > fenced:
                         floor.reset()  # a lease was lost: what was fenced off is pending
@@ -363,6 +372,9 @@ class Relay:
                 log.warning("store_unavailable", error=str(exc), during="shutdown")
         finally:
             await pipe.reset()
+
+    def _rebalance_due(self) -> bool:
+        return asyncio.get_running_loop().time() >= self._next_rebalance
 
     async def _rebalance_if_due(self) -> bool:
         """Rebalance the buckets if it is time; True if this relay gained buckets."""
@@ -466,6 +478,7 @@ class Relay:
             # or a parked event's quarantine was lifted meanwhile (it stays pending).
             self.stats.fenced_off += expected - changed
             log.warning("lease_lost", expected=expected, changed=changed)
+        await self._notify()  # the loop may be waiting for work meanwhile (claims beside us)
 
 
 class _Pipeline:
@@ -477,6 +490,8 @@ class _Pipeline:
         self.prefetch_horizon = 0
         self.settling: asyncio.Task[None] | None = None
         self.settling_seqs: list[int] = []
+        #: Whether the batch being settled was all delivered (nothing of it stays pending).
+        self.settling_clean = False
         #: Keys with an undelivered event in a batch published since the last fresh claim.
         self.gate = KeyGate()
         #: Seqs the gate left out since the last fresh claim: later prefetches skip them too
@@ -498,6 +513,19 @@ class _Pipeline:
     ) -> None:
         self.settling = asyncio.create_task(work)
         self.settling_seqs = [e.seq for e in batch] + [d.seq for d in parked]
+
+    def can_claim_beside(self) -> bool:
+        """Whether a claim that leaves out the seqs being settled is as good as a fresh one:
+        the settle is still running, its batch was all delivered (its seqs are only being
+        deleted), and nothing was held back or passed over since the last fresh claim."""
+        task = self.settling
+        return (
+            task is not None
+            and not task.done()
+            and self.settling_clean
+            and not self.gate
+            and not self.passed_over
+        )
 
     async def finish_settling(self) -> None:
         task, self.settling = self.settling, None

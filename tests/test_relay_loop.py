@@ -4,6 +4,7 @@ fake clock injected into the store."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -588,3 +589,89 @@ async def test_the_store_failing_while_a_settle_finishes_is_an_outage_not_a_cras
     assert await db.pending() == []
     # Published, not recorded, so published again: at-least-once, in order per key.
     assert [e.seq for e in recorder.published] == seqs(events) * 2
+
+
+# -- latency: the next claim runs beside the deletes of the last batch ------------------------
+
+
+class SlowDeletes(TrackedSqliteStore):
+    """Holds every delete until the test releases it; notes what each claim left out."""
+
+    def __init__(self, db: OutboxDb) -> None:
+        super().__init__(db.url, clock=db.clock)
+        self.deleting = asyncio.Event()
+        self.release = asyncio.Event()
+        self.excluded: list[list[int]] = []
+
+    async def claim(self, limit: int, exclude: Sequence[int] = (), after: int = 0) -> Claim:
+        self.excluded.append(list(exclude))
+        return await super().claim(limit, exclude, after)
+
+    async def mark_delivered(
+        self, seqs: Sequence[int], positions: Sequence[Position | None] = ()
+    ) -> int:
+        self.deleting.set()
+        await self.release.wait()
+        return await super().mark_delivered(seqs, positions)
+
+
+class SignalsSecondPublish(RecordingPublisher):
+    def __init__(self) -> None:
+        super().__init__()
+        self.second = asyncio.Event()
+
+    async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
+        results = await super().publish(batch)
+        if len(self.published) >= 2:
+            self.second.set()
+        return results
+
+
+async def test_new_events_are_published_while_the_last_batch_is_still_being_deleted(
+    db: OutboxDb,
+) -> None:
+    """Latency: a NOTIFY is answered at once, not after the last batch's deletes commit.
+    The claim leaves out the seqs being deleted, so nothing goes out twice."""
+    first = await db.add(key="a")
+    store = SlowDeletes(db)
+    recorder = SignalsSecondPublish()
+    relay = make_relay(store, recorder, poll_interval=60.0)
+    task = asyncio.create_task(relay.run())
+    await asyncio.wait_for(store.deleting.wait(), 5)
+    second = await db.add(key="a")
+    relay.wake()
+    await asyncio.wait_for(recorder.second.wait(), 5)  # the first delete is still held
+    assert [e.seq for e in recorder.published] == [first.seq, second.seq]
+    assert store.excluded[-1] == [first.seq]
+    store.release.set()
+    await relay.wait_for(lambda s: s.delivered == 2 and s.idle, timeout=5)
+    relay.request_stop()
+    await task
+    assert await db.pending() == []
+    assert [e.seq for e in recorder.published] == [first.seq, second.seq]
+
+
+async def test_a_claim_runs_beside_a_settle_only_if_that_batch_was_all_delivered() -> None:
+    from outbox.relay.relay import _Pipeline
+
+    release = asyncio.Event()
+
+    async def deleting() -> None:
+        await release.wait()
+
+    pipe = _Pipeline()
+    pipe.settle([], [], deleting())
+    pipe.settling_clean = True
+    assert pipe.can_claim_beside()
+    pipe.settling_clean = False  # a retry, a dead letter or a held-back event in it
+    assert not pipe.can_claim_beside()
+    pipe.settling_clean = True
+    pipe.passed_over.append(7)  # the gate left an event out since the last fresh claim
+    assert not pipe.can_claim_beside()
+    pipe.passed_over.clear()
+    pipe.gate.close(Envelope(1, uuid.uuid4(), "t", "a", b"{}"))  # a key waits for its retry
+    assert not pipe.can_claim_beside()
+    pipe.gate.clear()
+    release.set()
+    await pipe.finish_settling()
+    assert not pipe.can_claim_beside()  # settled: a fresh claim instead
