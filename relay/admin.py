@@ -95,29 +95,40 @@ class ChainError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class Filters:
-    """Which dead letters a command acts on: all of the given conditions (none: every one)."""
+class HistoryFilters:
+    """Which delivered events `republish` takes: all of the given conditions (none: every
+    one). `since` and `until` bound the time a row got to its table: delivered_at here."""
 
     event_ids: tuple[uuid.UUID, ...] = ()
     topic: str | None = None
     key: str | None = None
     event_type: str | None = None
-    error_class: str | None = None
-    #: Dead-lettered (last_failed_at) at or after `since`, and before `until`.
     since: datetime | None = None
     until: datetime | None = None
 
     def params(self) -> tuple[Any, ...]:
-        """$1 to $7 of `dlq_chosen`."""
+        """$1 to $6 of `history_chosen`."""
         return (
             list(self.event_ids) or None,
             self.topic,
             self.key,
             self.event_type,
-            self.error_class,
             self.since,
             self.until,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Filters(HistoryFilters):
+    """Which dead letters a command acts on: the same conditions, with the error class, and
+    the time they were dead-lettered (last_failed_at)."""
+
+    error_class: str | None = None
+
+    def params(self) -> tuple[Any, ...]:
+        """$1 to $7 of `dlq_chosen`: the error class is $5."""
+        common = HistoryFilters.params(self)
+        return (*common[:4], self.error_class, *common[4:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,30 +330,6 @@ def _ansi_c(ch: str) -> str:
         return ch
     code = ord(ch)
     return f"\\x{code:02x}" if code < 0x80 else f"\\U{code:08x}"
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryFilters:
-    """Which delivered events `republish` takes: all of the given conditions."""
-
-    event_ids: tuple[uuid.UUID, ...] = ()
-    topic: str | None = None
-    key: str | None = None
-    event_type: str | None = None
-    #: Delivered (delivered_at) at or after `since`, and before `until`.
-    since: datetime | None = None
-    until: datetime | None = None
-
-    def params(self) -> tuple[Any, ...]:
-        """$1 to $6 of `history_chosen`."""
-        return (
-            list(self.event_ids) or None,
-            self.topic,
-            self.key,
-            self.event_type,
-            self.since,
-            self.until,
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -386,9 +386,9 @@ def selection(given: dict[str, Any]) -> tuple[str, Filters]:
         given["topic"],
         given["key"],
         given["event_type"],
-        given["error_class"],
         since,
         until,
+        error_class=given["error_class"],
     )
     return load_settings(database_url=given["database_url"]).database_url, filters
 

@@ -353,7 +353,7 @@ def chosen(named: dict[str, Dead], spec: dict[str, Any]) -> Filters:
     ids = tuple(named[n].event_id for n in spec.get("ids", ()))
     now = datetime.now(UTC)
     since = now - timedelta(seconds=spec["since"]) if "since" in spec else None
-    return Filters(ids, spec.get("topic"), None, None, spec.get("error_class"), since)
+    return Filters(ids, spec.get("topic"), since=since, error_class=spec.get("error_class"))
 
 
 @pytest.mark.parametrize(
