@@ -55,6 +55,17 @@ class RelayStats:
     stopped: bool = False
 
 
+#: A claim grows while its events spread over many topics: Kafka sends one record batch per
+#: partition, so 500 events over 500 topics went out as 500 one-record batches in one request
+#: (docs/benchmarks.md, "Many topics"). After a full claim with fewer than this many events per
+#: topic on average, the next claim takes ...
+SPREAD_EVENTS_PER_TOPIC = 4
+#: ... this many times `batch_size`, at most MAX_CLAIM events. Bytes stay capped by the store's
+#: `max_batch_bytes`.
+SPREAD_GROWTH = 20
+MAX_CLAIM = 10_000
+
+
 class Relay:
     def __init__(
         self,
@@ -76,6 +87,8 @@ class Relay:
         self.publisher = publisher
         self.relay_id = relay_id
         self.batch_size = batch_size
+        #: The most a claim may grow to when its events spread over many topics.
+        self.max_claim = max(batch_size, min(batch_size * SPREAD_GROWTH, MAX_CLAIM))
         self.poll_interval = poll_interval
         self.lease_seconds = lease_seconds
         self.retry_policy = retry_policy or RetryPolicy()
@@ -277,6 +290,7 @@ class Relay:
         floor = ClaimFloor()  # where claims start (relay/floor.py)
         clock = asyncio.get_running_loop().time
         fenced = 0  # stats.fenced_off when the floor last moved
+        size = self.batch_size  # the next claim's (see _next_claim_size)
         held: list[int] = []  # claimed since the last fresh claim, and left in the outbox
         try:
             while not self._stopping.is_set():
@@ -296,9 +310,7 @@ class Relay:
                         self._wake.clear()
                         horizon, after = self.store.horizon(), floor.current(clock())
                         exclude = pipe.settling_seqs if beside else []
-                        claim = await self.store.claim(
-                            self.batch_size, exclude=exclude, after=after
-                        )
+                        claim = await self.store.claim(size, exclude=exclude, after=after)
                         if polled:
                             self.metrics.record_missed_wakeups(claim.events)
                             polled = False
@@ -308,13 +320,14 @@ class Relay:
                     batch = [e for e in claim.events if pipe.gate.admits(e)]
                     parked = [d for d in claim.parked if pipe.gate.admits(d)]
                     pipe.pass_over(claim, len(batch) + len(parked))
+                    size = self._next_claim_size(claim)
                     if claim.full and not self._stopping.is_set():
                         in_flight = [e.seq for e in batch] + [d.seq for d in parked]
                         exclude = in_flight + pipe.settling_seqs + pipe.passed_over
                         pipe.prefetch_horizon = self.store.horizon()
                         after = floor.current(clock())
                         pipe.prefetch = asyncio.create_task(
-                            self.store.claim(self.batch_size, exclude=exclude, after=after)
+                            self.store.claim(size, exclude=exclude, after=after)
                         )
                     if batch or parked:
                         results = await self._publish(batch) if batch else []
@@ -375,6 +388,15 @@ class Relay:
 
     def _rebalance_due(self) -> bool:
         return asyncio.get_running_loop().time() >= self._next_rebalance
+
+    def _next_claim_size(self, claim: Claim) -> int:
+        """`max_claim` after a full claim whose events spread over many topics, so that each
+        partition gets more than one record per request; else `batch_size`. One topic, or a
+        backlog that ran out, claims as configured."""
+        events = claim.events
+        if claim.full and len({e.topic for e in events}) * SPREAD_EVENTS_PER_TOPIC > len(events):
+            return self.max_claim
+        return self.batch_size
 
     async def _rebalance_if_due(self) -> bool:
         """Rebalance the buckets if it is time; True if this relay gained buckets."""

@@ -675,3 +675,37 @@ async def test_a_claim_runs_beside_a_settle_only_if_that_batch_was_all_delivered
     release.set()
     await pipe.finish_settling()
     assert not pipe.can_claim_beside()  # settled: a fresh claim instead
+
+
+# -- many topics: a claim grows while its events spread over many topics -----------------------
+class LimitsSqliteStore(TrackedSqliteStore):
+    """Notes the size of every claim the relay asks for."""
+
+    limits: list[int]
+
+    async def claim(self, limit: int, exclude: Sequence[int] = (), after: int = 0) -> Claim:
+        self.limits.append(limit)
+        return await super().claim(limit, exclude, after)
+
+
+@pytest.mark.parametrize(
+    ("topics", "expected"),
+    [
+        (1, [10, 10, 10, 10, 10, 10, 10]),  # one topic: as configured
+        (100, [10, 200, 200, 200]),  # spread: 20x batch_size while it lasts
+    ],
+)
+async def test_a_claim_grows_while_its_events_spread_over_many_topics(
+    db: OutboxDb, clock: FakeClock, topics: int, expected: list[int]
+) -> None:
+    store = LimitsSqliteStore(db.url, clock=clock)
+    store.limits = []
+    events = await db.add_all(
+        [OutboxEvent(topic=f"t{n % topics}", key=f"k{n}", payload={}) for n in range(600)]
+    )
+    publisher = RecordingPublisher()
+    stats = await make_relay(store, publisher).drain()
+    assert stats.delivered == 600
+    assert seqs(publisher.published) == seqs(events)
+    assert store.limits[: len(expected)] == expected
+    assert max(store.limits) <= 200  # batch_size 10 x SPREAD_GROWTH
