@@ -304,14 +304,18 @@ class PostgresStore:
     ) -> int:
         if not self.history:
             return _count(await self._run("delete_delivered", self._relay_id, seqs))
+        # A broker fills either the Kafka columns or the Redis one: the other goes as an empty
+        # array, which the statement's unnest pads with NULLs.
+        redis = any(p is not None and p.entry_id is not None for p in positions)
+        none: list[None] = []
         return _count(
             await self._run(
                 "move_delivered",
                 self._relay_id,
                 seqs,
-                [p.partition if p else None for p in positions],
-                [p.offset if p else None for p in positions],
-                [p.entry_id if p else None for p in positions],
+                none if redis else [p.partition if p else None for p in positions],
+                none if redis else [p.offset if p else None for p in positions],
+                [p.entry_id if p else None for p in positions] if redis else none,
             )
         )
 
