@@ -231,7 +231,10 @@ async def _demo(workdir: Path, jsonl: Path, say: Callable[[str], None]) -> None:
             )
         for line in lines:
             say(line)
-        say("   Replay after fixing the cause: outbox-relay dlq replay --id EVENT_ID (PostgreSQL)")
+        say(
+            "   Replay after fixing the cause (with --keep): outbox-relay dlq replay --id "
+            f"EVENT_ID --database-url sqlite:///{workdir / 'outbox.db'}"
+        )
     finally:
         await engine.dispose()
 

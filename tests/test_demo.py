@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,3 +124,22 @@ def test_demo_keep_and_jsonl(tmpdir_for_demo: Path, tmp_path: Path) -> None:
     lines = [json.loads(line) for line in jsonl.read_text("utf-8").splitlines()]
     assert [(e["seq"], e["key"], e["type"], e["topic"]) for e in lines] == run.published()
     assert lines[0]["payload"]["order_id"] == lines[0]["key"]
+
+    # The replay line it printed runs as shown, on the kept file.
+    replay = re.search(r"\(with --keep\): (outbox-relay dlq replay .+)$", run.stdout, re.M)
+    assert replay is not None
+    with sqlite3.connect(database) as conn:
+        (dead,) = conn.execute("SELECT event_id FROM outbox_dead_letters").fetchone()
+    argv = replay[1].replace("EVENT_ID", str(uuid.UUID(dead))).split()
+    done = subprocess.run(
+        [sys.executable, "-m", "outbox.relay", *argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "replayed 1" in done.stdout
+    with sqlite3.connect(database) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox_dead_letters").fetchone() == (0,)
+        assert conn.execute("SELECT key FROM outbox_events").fetchall() == [("order-3",)]
