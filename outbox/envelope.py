@@ -22,6 +22,7 @@ read every mode back with `Envelope.from_kafka`, `Envelope.from_redis` and
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 import typing
@@ -225,6 +226,11 @@ class _Framing:
         flat += (self.value_field, self.value(event))
         return flat
 
+    def stream_resp(self, event: Envelope) -> tuple[int, bytes]:
+        """`stream(event)` in the Redis protocol, for XADD: how many bulk strings, and them."""
+        flat = self.stream(event)
+        return len(flat), resp_bulk(flat)
+
     def pubsub(self, event: Envelope) -> bytes:
         """The stream entry's fields as one JSON object of strings."""
         flat = self.stream(event)
@@ -232,15 +238,77 @@ class _Framing:
         return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def iso_bytes(when: datetime) -> bytes:
+    """`when` in ISO 8601, encoded; cached, as the events of one transaction share it."""
+    return _iso_bytes(when, when.utcoffset())
+
+
+@functools.lru_cache(maxsize=256)
+def _iso_bytes(when: datetime, offset: timedelta | None) -> bytes:
+    # Keyed by the offset too: 12:00+00:00 and 13:00+01:00 are equal, and print differently.
+    return when.isoformat().encode()
+
+
+def resp_bulk(args: Sequence[bytes]) -> bytes:
+    """`args` as Redis protocol bulk strings (the elements of a command's array)."""
+    parts: list[bytes] = []
+    add = parts.append
+    for arg in args:
+        add(b"$%d\r\n" % len(arg))
+        add(arg)
+        add(b"\r\n")
+    return b"".join(parts)
+
+
+def _resp_name(name: str) -> bytes:
+    return resp_bulk([name.encode()])
+
+
 class _Plain(_Framing):
     key_field = FIELD_KEY.encode()
+    #: The fields' names and the content type, in the Redis protocol once (`stream_resp`).
+    _ID = _resp_name(HEADER_ID)
+    _SEQ = _resp_name(HEADER_SEQ)
+    _JSON = resp_bulk([_JSON_HEADER[0].encode(), _JSON_HEADER[1]])
+    _TYPE = _resp_name(HEADER_EVENT_TYPE)
+    _CREATED = _resp_name(HEADER_CREATED_AT)
+    _KEY = _resp_name(FIELD_KEY)
+    _PAYLOAD = _resp_name(FIELD_PAYLOAD)
+
+    def stream_resp(self, event: Envelope) -> tuple[int, bytes]:
+        """As `_Framing.stream_resp`, built straight from the event (the default mode's hot
+        path: a third of the Redis publisher's time per event went to building the fields and
+        then encoding them)."""
+        bulk = b"$%d\r\n%s\r\n"
+        seq = b"%d" % event.seq
+        parts = [self._ID, b"$36\r\n%s\r\n" % str(event.id).encode()]
+        parts += (self._SEQ, bulk % (len(seq), seq), self._JSON)
+        count = 6
+        if event.event_type is not None:
+            value = event.event_type.encode()
+            parts += (self._TYPE, bulk % (len(value), value))
+            count += 2
+        if event.created_at is not None:
+            value = iso_bytes(event.created_at)
+            parts += (self._CREATED, bulk % (len(value), value))
+            count += 2
+        if event.headers:
+            for name, value in self.user_headers(event.headers):
+                parts.append(resp_bulk([name.encode(), value]))
+                count += 2
+        if event.key is not None:
+            value = event.key.encode()
+            parts += (self._KEY, bulk % (len(value), value))
+            count += 2
+        parts += (self._PAYLOAD, bulk % (len(event.payload), event.payload))
+        return count + 2, b"".join(parts)
 
     def headers(self, event: Envelope) -> list[tuple[str, bytes]]:
         out = [(HEADER_ID, str(event.id).encode()), (HEADER_SEQ, b"%d" % event.seq), _JSON_HEADER]
         if event.event_type is not None:
             out.append((HEADER_EVENT_TYPE, event.event_type.encode()))
         if event.created_at is not None:
-            out.append((HEADER_CREATED_AT, event.created_at.isoformat().encode()))
+            out.append((HEADER_CREATED_AT, iso_bytes(event.created_at)))
         if event.headers:
             out += self.user_headers(event.headers)
         return out
@@ -261,7 +329,7 @@ class _FastStream(_Framing):
         if event.event_type is not None:
             out.append((HEADER_EVENT_TYPE, event.event_type.encode()))
         if event.created_at is not None:
-            out.append((HEADER_CREATED_AT, event.created_at.isoformat().encode()))
+            out.append((HEADER_CREATED_AT, iso_bytes(event.created_at)))
         if event.headers:
             out += self.user_headers(event.headers)
         return out
@@ -322,7 +390,7 @@ class _CloudEventsBinary(_Framing):
             ("ce_outboxseq", b"%d" % event.seq),
         ]
         if event.created_at is not None:
-            out.append(("ce_time", event.created_at.isoformat().encode()))
+            out.append(("ce_time", iso_bytes(event.created_at)))
         if event.key is not None:
             out.append(("ce_subject", event.key.encode()))
         if event.headers:
@@ -414,6 +482,10 @@ class Encoder:
     def stream_fields(self, event: Envelope) -> list[bytes]:
         """The stream entry's fields and values, flat, for XADD."""
         return self._framing(event.topic).stream(event)
+
+    def stream_resp(self, event: Envelope) -> tuple[int, bytes]:
+        """`stream_fields` in the Redis protocol: how many bulk strings, and them."""
+        return self._framing(event.topic).stream_resp(event)
 
     def pubsub_message(self, event: Envelope) -> bytes:
         return self._framing(event.topic).pubsub(event)

@@ -8,7 +8,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
@@ -21,13 +21,15 @@ from cloudevents.core.bindings import kafka as ce_kafka
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.v1 import kafka as ce_kafka_v1
 from faststream.redis.parser import BinaryMessageFormatV1
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from outbox import OutboxEvent
-from outbox.envelope import MODES, Encoder, Envelope, EnvelopeMode, kafka_timestamp
+from outbox.envelope import MODES, Encoder, Envelope, EnvelopeMode, kafka_timestamp, resp_bulk
 from outbox.relay.factory import build_relay
 from outbox.relay.publishers.kafka import KafkaPublisher
-from outbox.relay.publishers.redis import RedisPublisher
+from outbox.relay.publishers.redis import RedisPublisher, resp_command
 from outbox.relay.settings import RelaySettings, default_source
 from tests.helpers import commit_events, pg_relay
 from tests.test_cli import cli
@@ -529,3 +531,36 @@ async def test_envelope_settings_reach_the_publisher(
 def test_not_an_outbox_entry_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="not an event of the outbox relay"):
         Envelope.from_redis("orders", {b"seq": b"1", b"other": b"x"})
+
+
+# -- the Redis protocol bytes: the fast path is the generic one --------------------------------
+_text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=20)
+_events = st.builds(
+    Envelope,
+    seq=st.integers(1, 2**62),
+    id=st.uuids(),
+    topic=st.sampled_from(["orders", "payments"]),
+    key=st.none() | _text,
+    payload=st.binary(max_size=60),
+    headers=st.dictionaries(_text.filter(bool), _text, max_size=3),
+    event_type=st.none() | _text,
+    created_at=st.none()
+    | st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30))])),
+)
+
+
+@pytest.mark.unit
+@settings(max_examples=300, deadline=None)
+@given(event=_events, mode=st.sampled_from(MODES), maxlen=st.none() | st.integers(1, 10**6))
+def test_the_xadd_bytes_are_the_fields_in_the_redis_protocol(
+    event: Envelope, mode: EnvelopeMode, maxlen: int | None
+) -> None:
+    """`stream_resp` (and plain mode's own, built straight from the event) and the publisher's
+    XADD give the bytes of `stream_fields` encoded the general way."""
+    encoder = Encoder(mode)
+    fields = encoder.stream_fields(event)
+    assert encoder.stream_resp(event) == (len(fields), resp_bulk(fields))
+    publisher = RedisPublisher("redis://127.0.0.1:1/0", maxlen=maxlen, encoder=encoder)
+    trim = [b"MAXLEN", b"~", str(maxlen).encode()] if maxlen else []
+    expected = resp_command([b"XADD", b"s", *trim, b"*", *fields])
+    assert publisher._command(event, b"s") == expected

@@ -80,7 +80,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from outbox.envelope import Encoder, Envelope
+from outbox.envelope import Encoder, Envelope, resp_bulk
 from outbox.relay.logs import relay_logger
 from outbox.relay.ordering import KeyGate
 from outbox.relay.seams import (
@@ -299,6 +299,9 @@ class RedisPublisher:
         #: Each entry's fields (each message), in its topic's envelope mode.
         self.encoder = encoder or Encoder()
         self._trim = [b"MAXLEN", b"~", str(maxlen).encode()] if maxlen else []
+        #: XADD's arguments before the fields: the command, the stream, the trim, the id `*`.
+        self._xadd_args = 3 + len(self._trim)
+        self._xadd_heads: dict[bytes, bytes] = {}
         try:
             self._client = aioredis.Redis.from_url(
                 url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
@@ -353,8 +356,18 @@ class RedisPublisher:
     def _command(self, event: Envelope, name: bytes) -> bytes:
         if self.mode == "pubsub":
             return resp_command([b"PUBLISH", name, self.encoder.pubsub_message(event)])
-        fields = self.encoder.stream_fields(event)
-        return resp_command([b"XADD", name, *self._trim, b"*", *fields])
+        count, fields = self.encoder.stream_resp(event)
+        head = self._xadd_head(name)
+        return b"*%d\r\n%s%s" % (self._xadd_args + count, head, fields)
+
+    def _xadd_head(self, name: bytes) -> bytes:
+        """`XADD name [MAXLEN ~ n] *` in the Redis protocol, once per stream."""
+        head = self._xadd_heads.get(name)
+        if head is None:
+            head = resp_bulk([b"XADD", name, *self._trim, b"*"])
+            if len(self._xadd_heads) < 10_000:  # a bound on memory over very many streams
+                self._xadd_heads[name] = head
+        return head
 
     async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
         prefix = self.topic_prefix
