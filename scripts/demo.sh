@@ -7,5 +7,5 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q ".[sqlite]"  # the relay and its SQLite store: what the demo runs
+.venv/bin/python -m pip install -q ".[all]"  # every extra: the demo, then the README's tour and its commands
 exec .venv/bin/outbox-relay demo "$@"

@@ -113,3 +113,11 @@ def test_the_tour_runs(tmp_path: Path, database_url: str) -> None:
     assert "broker_unavailable" in log
     assert "broker_recovered" in log
     assert "relay_stopped" in log
+
+
+def test_the_demo_installs_what_the_tour_runs() -> None:
+    """The tour starts from the venv `scripts/demo.sh` made: it must have the relay with both
+    brokers, though a plain `pip install outbox` has neither (pyproject.toml's extras)."""
+    demo = (ROOT / "scripts" / "demo.sh").read_text()
+    (extras,) = re.findall(r'pip install -q "\.\[([a-z,]+)\]"', demo)
+    assert "all" in extras.split(",") or {"kafka", "redis"} <= set(extras.split(","))
