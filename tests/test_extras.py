@@ -5,13 +5,15 @@ hook in a subprocess; `test_lean_install` installs the real wheel into a fresh v
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from outbox.extras import MissingExtraError, missing_extra, requires_extra
+from outbox.extras import EXTRA_OF, MissingExtraError, missing_extra, requires_extra
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,3 +148,28 @@ def test_nothing_loads_the_relay_folder_under_its_own_name() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.unit
+def test_every_extra_the_readme_installs_exists_and_names_what_it_says() -> None:
+    """The README's install lines name real extras (pip would only warn about a missing one),
+    and `all` holds every other extra. (`tests/test_packaging.py` installs the wheel itself,
+    lean and with `[relay,kafka]`.)"""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    readme = (ROOT / "README.md").read_text()
+    named = re.findall(r'^pip install "outbox\[([a-z,]+)\]"', readme, re.M)
+    assert len(named) >= 8
+    for group in named:
+        for extra in group.split(","):
+            assert extra in extras, f"README installs outbox[{extra}], which pyproject lacks"
+    (everything,) = extras["all"]
+    listed = set(everything.removeprefix("outbox[").removesuffix("]").split(","))
+    assert listed == set(extras) - {"all", "dev", "bench"}
+    # Each package a missing-extra error names is in the extra that error tells to install.
+    for module, extra in EXTRA_OF.items():
+        if module in ("starlette", "hiredis", "greenlet"):  # installed by what the extra lists
+            continue
+        wanted = {"opentelemetry": "opentelemetry-api"}.get(module, module.replace("_", "-"))
+        assert any(re.match(rf"{wanted}\b", p) for p in extras[extra]), (module, extra)
