@@ -58,6 +58,32 @@ def _target(name: str, measured: str, ok: bool | None, note: str = "") -> Result
     return {"target": name, "measured": measured, "status": _status(ok), "note": note}
 
 
+def _on_off_targets(
+    results: Result, workload: str, systems: tuple[str, str], name: str, goal: float
+) -> list[Result]:
+    """Per broker: the drain of `systems[1]` (a feature on) against `systems[0]` (off), as a
+    ratio of the median runs, with the CPU and every run beside it."""
+    out: list[Result] = []
+    for broker in ("kafka", "redis"):
+        modes = {r["system"]: r for r in _ok(results.get(workload, [])) if r["broker"] == broker}
+        off, on = modes.get(systems[0]), modes.get(systems[1])
+        label = name.format(goal=goal, broker=broker)
+        if not (off and on):
+            out.append(_target(label, "-", None))
+            continue
+        ratio = on["events_per_s"] / off["events_per_s"]
+        out.append(
+            _target(
+                label,
+                f"{ratio:.3f}x ({on['events_per_s']:,.0f} vs {off['events_per_s']:,.0f} ev/s)",
+                ratio >= goal,
+                f"CPU per 10k events: {on['cpu_s_per_10k']} vs {off['cpu_s_per_10k']} s; runs "
+                f"{on.get('runs_events_per_s')} vs {off.get('runs_events_per_s')}",
+            )
+        )
+    return out
+
+
 def evaluate_targets(results: Result) -> list[Result]:
     t = TARGETS
     out: list[Result] = []
@@ -201,40 +227,20 @@ def evaluate_targets(results: Result) -> list[Result]:
         )
     else:
         out.append(_target(name, "-", None))
-    for broker in ("kafka", "redis"):
-        modes = {r["system"]: r for r in _ok(results.get("metrics", [])) if r["broker"] == broker}
-        off, on = modes.get("outbox, metrics off"), modes.get("outbox, metrics scraped")
-        name = f"metrics recorded and scraped: drain >= {t.metrics_ratio}x metrics off, {broker}"
-        if off and on:
-            ratio = on["events_per_s"] / off["events_per_s"]
-            out.append(
-                _target(
-                    name,
-                    f"{ratio:.3f}x ({on['events_per_s']:,.0f} vs {off['events_per_s']:,.0f} ev/s)",
-                    ratio >= t.metrics_ratio,
-                    f"CPU per 10k events: {on['cpu_s_per_10k']} vs {off['cpu_s_per_10k']} s; runs "
-                    f"{on.get('runs_events_per_s')} vs {off.get('runs_events_per_s')}",
-                )
-            )
-        else:
-            out.append(_target(name, "-", None))
-    for broker in ("kafka", "redis"):
-        modes = {r["system"]: r for r in _ok(results.get("history", [])) if r["broker"] == broker}
-        off, on = modes.get("outbox, history off"), modes.get("outbox, history on")
-        name = f"delivered history on: drain >= {t.history_ratio}x history off, {broker}"
-        if off and on:
-            ratio = on["events_per_s"] / off["events_per_s"]
-            out.append(
-                _target(
-                    name,
-                    f"{ratio:.3f}x ({on['events_per_s']:,.0f} vs {off['events_per_s']:,.0f} ev/s)",
-                    ratio >= t.history_ratio,
-                    f"CPU per 10k events: {on['cpu_s_per_10k']} vs {off['cpu_s_per_10k']} s; runs "
-                    f"{on.get('runs_events_per_s')} vs {off.get('runs_events_per_s')}",
-                )
-            )
-        else:
-            out.append(_target(name, "-", None))
+    out += _on_off_targets(
+        results,
+        "metrics",
+        ("outbox, metrics off", "outbox, metrics scraped"),
+        "metrics recorded and scraped: drain >= {goal}x metrics off, {broker}",
+        t.metrics_ratio,
+    )
+    out += _on_off_targets(
+        results,
+        "history",
+        ("outbox, history off", "outbox, history on"),
+        "delivered history on: drain >= {goal}x history off, {broker}",
+        t.history_ratio,
+    )
     for broker in ("kafka", "redis"):
         modes = {r["system"]: r for r in _ok(results.get("prune", [])) if r["broker"] == broker}
         alone = modes.get("outbox, history on, alone")
