@@ -408,9 +408,7 @@ class KafkaPublisher:
                     results[i] = broker
                 return []
         loop = asyncio.get_running_loop()
-        counts: dict[str, int] = {}
         blocked = KeyGate()  # keys with an event not delivered in this round
-        pending: list[tuple[int, asyncio.Future[Any]]] = []
         deferred: list[int] = []
         deferred_keys = KeyGate()  # keys with an event sent alone: the rest follow it
         unsent: list[int] = []
@@ -421,12 +419,13 @@ class KafkaPublisher:
                 del one_by_one[topic]
         big = self._big_record
         encode = self.encoder.kafka
+        batches = _Batches(self, producer)
+        sent: list[tuple[_Batch, asyncio.Future[Any]]] = []
         watchdog = _Watchdog(self, producer, loop.time() + self._ack_timeout)
         timer = loop.call_later(self._probe_interval, watchdog.start)
         try:
-            for position, i in enumerate(todo):
+            for i in todo:
                 event = batch[i]
-                key = event.key
                 if not blocked.admits(event):
                     results[i] = HELD_BACK
                     continue
@@ -441,47 +440,44 @@ class KafkaPublisher:
                     or (alone and i in alone)
                     or (one_by_one and topic in one_by_one)
                     or not deferred_keys.admits(event)
+                    or not await batches.append(i, event, topic, value, headers)
                 ):
                     deferred.append(i)
                     deferred_keys.close(event)
-                    continue
-                key_bytes = key.encode() if key is not None else None
+            for built in batches.in_send_order():
                 try:
-                    count = counts.get(topic)
-                    if count is None:
-                        count = counts[topic] = await self._partition_count(producer, topic)
-                    future = await producer.send(
-                        topic,
-                        value=value,
-                        key=key_bytes,
-                        headers=headers,
-                        timestamp_ms=kafka_timestamp(event),
-                        partition=self._partitions.partition(key_bytes, count)
-                        if key_bytes is not None and count
-                        else None,
+                    future = await producer.send_batch(
+                        built.builder, built.topic, partition=built.partition
                     )
-                except Exception as exc:  # noqa: BLE001 - any send error is that event's result
+                except Exception as exc:  # noqa: BLE001 - any send error is its events' result
                     if kind_of(exc) is Kind.BROKER:
                         self._abort(producer, f"send failed: {describe(exc)}")
-                        unsent = todo[position:]
+                        unsent = [j for b in batches.not_sent(built) for j in b.indices]
                         break
-                    results[i] = classify(exc, f"topic {topic!r}")
-                    blocked.close(event)
+                    failure = classify(exc, f"topic {built.topic!r}")
+                    for j in built.indices:
+                        results[j] = failure
+                        blocked.close(batch[j])
                 else:
-                    pending.append((i, future))
-            outcomes = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+                    sent.append((built, future))
+            outcomes = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
         finally:
             timer.cancel()
             await watchdog.stop()
         resend: list[int] = []
         positions = self.positions
-        for (i, _), outcome in zip(pending, outcomes, strict=True):
+        for (built, _), outcome in zip(sent, outcomes, strict=True):
             if isinstance(outcome, BaseException):
-                event = batch[i]
-                self._failed(i, event, names[i], outcome, results, resend, alone, in_batch=True)
-                blocked.close(event)
-            elif positions is not None:  # a RecordMetadata
-                positions[batch[i].seq] = Position(outcome.partition, outcome.offset)
+                for i in built.indices:
+                    event = batch[i]
+                    self._failed(
+                        i, event, built.topic, outcome, results, resend, alone, in_batch=True
+                    )
+                    blocked.close(event)
+            elif positions is not None:  # the batch's RecordMetadata: its first offset
+                partition, base = built.partition, outcome.offset
+                for k, i in enumerate(built.indices):
+                    positions[batch[i].seq] = Position(partition, base + k)
         if deferred and self._abort_reason is None:
             await self._send_one_by_one(batch, names, deferred, results, resend, alone, blocked)
         elif deferred:
@@ -778,6 +774,97 @@ class KafkaPublisher:
                 await writer.wait_closed()
             return True
         return False
+
+
+class _Batch:
+    """One record batch for a topic partition, and the batch indices of its events."""
+
+    __slots__ = ("builder", "generation", "indices", "partition", "topic")
+
+    def __init__(self, builder: Any, topic: str, partition: int, generation: int) -> None:
+        self.builder = builder
+        self.topic = topic
+        self.partition = partition
+        #: How many batches of the partition came before it in this round.
+        self.generation = generation
+        self.indices: list[int] = []
+
+
+class _Batches:
+    """A round's records, built into one aiokafka batch per topic partition (`create_batch`,
+    `send_batch`): one future per batch instead of one per record, which is most of what
+    aiokafka's `send` costs. A key's records go to one partition, in order."""
+
+    def __init__(self, publisher: KafkaPublisher, producer: Any) -> None:
+        self._publisher = publisher
+        self._producer = producer
+        self._open: dict[tuple[str, int], _Batch] = {}
+        self._all: list[_Batch] = []
+        self._generations: dict[tuple[str, int], int] = {}
+        self._counts: dict[str, int] = {}
+        #: The partition of a topic's records without a key, for this round.
+        self._keyless: dict[str, int] = {}
+
+    async def append(
+        self,
+        i: int,
+        event: Envelope,
+        topic: str,
+        value: bytes,
+        headers: list[tuple[str, bytes]],
+    ) -> bool:
+        """Add event `i` to its partition's batch; False when it does not fit in an empty one."""
+        key = event.key.encode() if event.key is not None else None
+        partition = await self._partition(topic, key)
+        timestamp = kafka_timestamp(event)
+        built = self._open.get((topic, partition))
+        if (
+            built is None
+            or built.builder.append(timestamp=timestamp, key=key, value=value, headers=headers)
+            is None
+        ):  # none yet, or full (and closed now): a new batch for the partition
+            built = self._new(topic, partition)
+            if (
+                built.builder.append(timestamp=timestamp, key=key, value=value, headers=headers)
+                is None
+            ):  # too big for any batch
+                del self._open[(topic, partition)]
+                self._all.pop()
+                return False
+        built.indices.append(i)
+        return True
+
+    def _new(self, topic: str, partition: int) -> _Batch:
+        generation = self._generations.get((topic, partition), 0)
+        self._generations[(topic, partition)] = generation + 1
+        built = _Batch(self._producer.create_batch(), topic, partition, generation)
+        self._open[(topic, partition)] = built
+        self._all.append(built)
+        return built
+
+    async def _partition(self, topic: str, key: bytes | None) -> int:
+        count = self._counts.get(topic)
+        if count is None:
+            count = self._counts[topic] = await self._publisher._partition_count(
+                self._producer, topic
+            )
+        if key is not None:
+            return self._publisher._partitions.partition(key, count)
+        chosen = self._keyless.get(topic)
+        if chosen is None:
+            available = self._producer.client.cluster.available_partitions_for_topic(topic)
+            chosen = self._keyless[topic] = random.choice(sorted(available or range(count)))
+        return chosen
+
+    def in_send_order(self) -> list[_Batch]:
+        """Every partition's first batch, then the second ones, ...: aiokafka waits for a
+        partition's batch to go out before it queues the next one of that partition."""
+        return sorted(self._all, key=lambda b: b.generation)
+
+    def not_sent(self, first: _Batch) -> list[_Batch]:
+        """`first` and the batches after it in send order."""
+        order = self.in_send_order()
+        return order[order.index(first) :]
 
 
 class _Watchdog:
