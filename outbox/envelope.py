@@ -22,7 +22,6 @@ read every mode back with `Envelope.from_kafka`, `Envelope.from_redis` and
 
 from __future__ import annotations
 
-import functools
 import json
 import struct
 import typing
@@ -167,7 +166,12 @@ class Envelope:
 def kafka_timestamp(event: Envelope) -> int | None:
     """The record's timestamp: `created_at` in milliseconds since the epoch (exact)."""
     created = event.created_at
-    return None if created is None else (created - _EPOCH) // _MS
+    return None if created is None else _instant(created)[1]
+
+
+def epoch_seconds(when: datetime) -> float:
+    """`when.timestamp()`, from the same cache as `iso_bytes`."""
+    return _instant(when)[1] / 1000
 
 
 async def faststream_parser(message: Any, parse: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -239,14 +243,27 @@ class _Framing:
 
 
 def iso_bytes(when: datetime) -> bytes:
-    """`when` in ISO 8601, encoded; cached, as the events of one transaction share it."""
-    return _iso_bytes(when, when.utcoffset())
+    """`when` in ISO 8601, encoded."""
+    return _instant(when)[0]
 
 
-@functools.lru_cache(maxsize=256)
-def _iso_bytes(when: datetime, offset: timedelta | None) -> bytes:
-    # Keyed by the offset too: 12:00+00:00 and 13:00+01:00 are equal, and print differently.
-    return when.isoformat().encode()
+#: The last `created_at` converted, and its ISO 8601 bytes and epoch milliseconds. A claim
+#: is in commit order, so the events of one transaction (they share `created_at`) come
+#: together: one conversion per transaction. (A datetime's hash, which an lru_cache needs,
+#: cost more than the conversion.)
+_last_instant: tuple[datetime, bytes, int] = (_EPOCH, _EPOCH.isoformat().encode(), 0)
+
+
+def _instant(when: datetime) -> tuple[bytes, int]:
+    global _last_instant  # a one-entry cache
+    last = _last_instant
+    # Same tzinfo object: equal values print alike (no offset of their own to compare).
+    if when.tzinfo is last[0].tzinfo and when == last[0] and when.fold == last[0].fold:
+        return last[1], last[2]
+    iso = when.isoformat().encode()
+    ms = ((when if when.tzinfo is not None else when.replace(tzinfo=UTC)) - _EPOCH) // _MS
+    _last_instant = (when, iso, ms)
+    return iso, ms
 
 
 def resp_bulk(args: Sequence[bytes]) -> bytes:

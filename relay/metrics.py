@@ -31,7 +31,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from outbox.envelope import Envelope
+from outbox.envelope import Envelope, epoch_seconds
 from outbox.relay.seams import Backlog, PublishResult, Verdict
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ class RelayMetrics:
             if result is None:
                 published[event.topic] += 1
                 if event.created_at is not None:
-                    age = now - event.created_at.timestamp()
+                    age = now - epoch_seconds(event.created_at)
                     counts[bisect_left(bounds, age)] += 1
                     total += age
             elif result.verdict is not Verdict.HELD:  # held: not this event's failure

@@ -26,7 +26,15 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from outbox import OutboxEvent
-from outbox.envelope import MODES, Encoder, Envelope, EnvelopeMode, kafka_timestamp, resp_bulk
+from outbox.envelope import (
+    MODES,
+    Encoder,
+    Envelope,
+    EnvelopeMode,
+    iso_bytes,
+    kafka_timestamp,
+    resp_bulk,
+)
 from outbox.relay.factory import build_relay
 from outbox.relay.publishers.kafka import KafkaPublisher
 from outbox.relay.publishers.redis import RedisPublisher, resp_command
@@ -114,6 +122,38 @@ def test_kafka_timestamp_is_created_at_in_milliseconds() -> None:
     event = envelope(created_at=datetime(2024, 5, 1, 12, 0, 0, 999999, tzinfo=UTC))
     assert kafka_timestamp(event) == 1714564800999
     assert kafka_timestamp(envelope(created_at=None)) is None
+
+
+@pytest.mark.unit
+@given(
+    st.lists(
+        st.tuples(
+            st.datetimes(
+                min_value=datetime(1971, 1, 1),
+                max_value=datetime(2200, 1, 1),
+                timezones=st.sampled_from(
+                    [UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-5))]
+                ),
+            ),
+            st.booleans(),
+        ),
+        max_size=8,
+    )
+)
+def test_time_conversions_are_those_of_the_value_in_any_order(
+    values: list[tuple[datetime, bool]],
+) -> None:
+    """The conversions remember the last value: equal instants in other zones, repeated or
+    interleaved, still print their own offset and give the exact millisecond."""
+    for when, again in values:
+        for _ in range(2 if again else 1):
+            assert iso_bytes(when) == when.isoformat().encode()
+            expected = (when - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+            assert kafka_timestamp(envelope(created_at=when)) == expected
+    noon_utc = datetime(2024, 5, 1, 12, tzinfo=UTC)
+    same_in_paris = noon_utc.astimezone(timezone(timedelta(hours=2)))
+    assert iso_bytes(noon_utc) == b"2024-05-01T12:00:00+00:00"
+    assert iso_bytes(same_in_paris) == b"2024-05-01T14:00:00+02:00"
 
 
 # -- plain ------------------------------------------------------------------------------------
