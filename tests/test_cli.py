@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import subprocess
 
@@ -96,3 +97,20 @@ async def test_migrate_says_which_revision_it_is_at(empty_database_url: str) -> 
 async def test_dlq_list_without_dead_letters_prints_nothing(database_url: str) -> None:
     listed = await asyncio.to_thread(cli, "dlq", "list", OUTBOX_DATABASE_URL=database_url)
     assert (listed.returncode, listed.stdout, listed.stderr) == (0, "", "")
+
+
+@pytest.mark.unit
+def test_the_relay_process_collects_garbage_less_often() -> None:
+    """`outbox-relay run` raises the collector's thresholds and freezes what it loaded at start
+    (docs/benchmarks.md, "Garbage collection"); the test's own collector is restored."""
+    from outbox.relay.cli import GC_THRESHOLDS, collect_less
+
+    before = gc.get_threshold()
+    try:
+        collect_less()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert GC_THRESHOLDS[0] > before[0]
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import sys
 import uuid
@@ -79,6 +80,7 @@ async def test_order_event_reaches_redis_and_leases_are_released(
     )
     stream = f"{topic}.orders"
     app = create_app(settings)
+    collector = gc.get_threshold(), gc.isenabled(), gc.get_freeze_count()
     async with app.router.lifespan_context(app):
         relay: Relay = app.state.outbox_relay
         transport = httpx.ASGITransport(app=app)
@@ -98,6 +100,8 @@ async def test_order_event_reaches_redis_and_leases_are_released(
             status = (await client.get("/outbox/relay")).json()
             assert status["relay_id"] == settings.relay_id
             assert status["owned_buckets"] == 64  # the only live relay owns every bucket
+            # The app's garbage collector is the app's (only `outbox-relay run` tunes it).
+            assert (gc.get_threshold(), gc.isenabled(), gc.get_freeze_count()) == collector
             assert status["delivered"] == 1
 
             live = await client.get("/outbox/health/live")
