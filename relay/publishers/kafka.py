@@ -418,6 +418,7 @@ class KafkaPublisher:
             for topic in [t for t, until in one_by_one.items() if until < now]:
                 del one_by_one[topic]
         big = self._big_record
+        request_cap = int(self._options["max_request_size"])
         encode = self.encoder.kafka
         batches = _Batches(self, producer)
         sent: list[tuple[_Batch, asyncio.Future[Any]]] = []
@@ -435,6 +436,17 @@ class KafkaPublisher:
                     blocked.close(event)
                     continue
                 value, headers = encode(event)
+                size = len(value) + (len(event.key) if event.key is not None else 0)
+                if size > request_cap:  # what aiokafka's `send` refused before any batch
+                    results[i] = classify(
+                        ke.MessageSizeTooLargeError(
+                            f"the record's key and value are {size} bytes, more than "
+                            f"max_request_size ({request_cap})"
+                        ),
+                        f"topic {topic!r}",
+                    )
+                    blocked.close(event)
+                    continue
                 if (
                     len(value) > big
                     or (alone and i in alone)
