@@ -231,9 +231,23 @@ class _Framing:
         return flat
 
     def stream_resp(self, event: Envelope) -> tuple[int, bytes]:
-        """`stream(event)` in the Redis protocol, for XADD: how many bulk strings, and them."""
-        flat = self.stream(event)
-        return len(flat), resp_bulk(flat)
+        """`stream(event)` in the Redis protocol, for XADD: how many bulk strings, and them.
+        Built from the headers, with each field name's bulk string made once."""
+        bulk = b"$%d\r\n%s\r\n"
+        parts: list[bytes] = []
+        headers = self.headers(event)
+        for name, value in headers:
+            parts += (_resp_field(name), bulk % (len(value), value))
+        count = 2 * len(headers) + 2
+        if self.key_field is not None and event.key is not None:
+            key = event.key.encode()
+            field = self.key_field
+            parts += (bulk % (len(field), field), bulk % (len(key), key))
+            count += 2
+        value = self.value(event)
+        field = self.value_field
+        parts += (bulk % (len(field), field), bulk % (len(value), value))
+        return count, b"".join(parts)
 
     def pubsub(self, event: Envelope) -> bytes:
         """The stream entry's fields as one JSON object of strings."""
@@ -279,6 +293,19 @@ def resp_bulk(args: Sequence[bytes]) -> bytes:
 
 def _resp_name(name: str) -> bytes:
     return resp_bulk([name.encode()])
+
+
+#: Field names as Redis bulk strings. Bounded: applications choose header names.
+_RESP_FIELDS: dict[str, bytes] = {}
+
+
+def _resp_field(name: str) -> bytes:
+    found = _RESP_FIELDS.get(name)
+    if found is None:
+        if len(_RESP_FIELDS) >= 4096:
+            _RESP_FIELDS.clear()
+        found = _RESP_FIELDS[name] = _resp_name(name)
+    return found
 
 
 class _Plain(_Framing):
@@ -331,6 +358,9 @@ class _Plain(_Framing):
         return out
 
 
+_FASTSTREAM_DATA_RESP = resp_bulk([FASTSTREAM_DATA.encode()])
+
+
 class _FastStream(_Framing):
     taken = frozenset({CONTENT_TYPE, FASTSTREAM_MESSAGE_ID, FASTSTREAM_CORRELATION_ID})
 
@@ -372,6 +402,10 @@ class _FastStream(_Framing):
 
     def stream(self, event: Envelope) -> list[bytes]:
         return [FASTSTREAM_DATA.encode(), self.message(event)]
+
+    def stream_resp(self, event: Envelope) -> tuple[int, bytes]:
+        message = self.message(event)
+        return 2, b"".join((_FASTSTREAM_DATA_RESP, b"$%d\r\n" % len(message), message, b"\r\n"))
 
     def pubsub(self, event: Envelope) -> bytes:
         return self.message(event)
