@@ -57,8 +57,9 @@ class RelayStats:
 
 #: A claim grows while its events spread over many topics: Kafka sends one record batch per
 #: partition, so 500 events over 500 topics went out as 500 one-record batches in one request
-#: (docs/benchmarks.md, "Many topics"). After a full claim with fewer than this many events per
-#: topic on average, the next claim takes ...
+#: (docs/benchmarks.md, "Many topics"). After a full claim over so many topics that a claim of
+#: `batch_size` would give them fewer than this many events each on average, the next claim
+#: takes ...
 SPREAD_EVENTS_PER_TOPIC = 4
 #: ... this many times `batch_size`, at most MAX_CLAIM events. Bytes stay capped by the store's
 #: `max_batch_bytes`.
@@ -392,9 +393,14 @@ class Relay:
     def _next_claim_size(self, claim: Claim) -> int:
         """`max_claim` after a full claim whose events spread over many topics, so that each
         partition gets more than one record per request; else `batch_size`. One topic, or a
-        backlog that ran out, claims as configured."""
+        backlog that ran out, claims as configured. Measured against `batch_size`, not the
+        claim's own size: a grown claim stays grown while the spread lasts (else every other
+        claim was small again)."""
         events = claim.events
-        if claim.full and len({e.topic for e in events}) * SPREAD_EVENTS_PER_TOPIC > len(events):
+        if (
+            claim.full
+            and len({e.topic for e in events}) * SPREAD_EVENTS_PER_TOPIC > self.batch_size
+        ):
             return self.max_claim
         return self.batch_size
 

@@ -693,6 +693,7 @@ class LimitsSqliteStore(TrackedSqliteStore):
     [
         (1, [10, 10, 10, 10, 10, 10, 10]),  # one topic: as configured
         (100, [10, 200, 200, 200]),  # spread: 20x batch_size while it lasts
+        (20, [10, 200, 200]),  # 10 events per topic in a grown claim: it stays grown
     ],
 )
 async def test_a_claim_grows_while_its_events_spread_over_many_topics(
