@@ -347,6 +347,37 @@ async def test_invalid_topics_are_poison_for_their_events_only(
     assert {e.id for e in received} == {e.id for e in events if e.topic == good}
 
 
+async def test_a_lookup_that_fails_mid_batch_sends_nothing_of_it(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The partition count of a topic is looked up while the batch is built: when that
+    lookup finds the broker gone, nothing of the batch is sent (the records built so far
+    included) and every event is answered BROKER, as for a send that failed."""
+    first, second = (f"mid-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    for name in (first, second):
+        await create_topic(kafka_bootstrap, name)
+    publisher = KafkaPublisher(kafka_bootstrap)
+    await publisher.start()
+    counts = KafkaPublisher._partition_count
+
+    async def failing(producer: Any, topic: str) -> int:
+        if topic == second:
+            raise ke.KafkaConnectionError("connection lost")
+        return await counts(producer, topic)
+
+    monkeypatch.setattr(KafkaPublisher, "_partition_count", staticmethod(failing))
+    batch = [
+        Envelope(seq=n, id=uuid.uuid4(), topic=t, key=f"k{n}", payload=b"{}")
+        for n, t in enumerate([first, first, second, first], start=1)
+    ]
+    try:
+        with pytest.raises(BrokerUnavailableError, match="metadata failed"):
+            await publisher.publish(batch)
+    finally:
+        await publisher.stop()
+    assert await read_all(kafka_bootstrap, first, timeout=2) == []
+
+
 async def test_missing_topic_with_auto_create_off(
     database_url: str, pg: asyncpg.Connection, chaos_broker: KafkaBroker
 ) -> None:

@@ -425,7 +425,7 @@ class KafkaPublisher:
         watchdog = _Watchdog(self, producer, loop.time() + self._ack_timeout)
         timer = loop.call_later(self._probe_interval, watchdog.start)
         try:
-            for i in todo:
+            for position, i in enumerate(todo):
                 event = batch[i]
                 if not blocked.admits(event):
                     results[i] = HELD_BACK
@@ -447,16 +447,28 @@ class KafkaPublisher:
                     )
                     blocked.close(event)
                     continue
+                if topic not in batches.counts:
+                    try:
+                        await batches.learn(topic)
+                    except Exception as exc:  # noqa: BLE001 - the event's result, as a send's
+                        if kind_of(exc) is Kind.BROKER:
+                            self._abort(producer, f"metadata failed: {describe(exc)}")
+                            built_ones = batches.in_send_order()
+                            unsent = [j for b in built_ones for j in b.indices] + todo[position:]
+                            break
+                        results[i] = classify(exc, f"topic {topic!r}")
+                        blocked.close(event)
+                        continue
                 if (
                     len(value) > big
                     or (alone and i in alone)
                     or (one_by_one and topic in one_by_one)
                     or not deferred_keys.admits(event)
-                    or not await batches.append(i, event, topic, value, headers)
+                    or not batches.append(i, event, topic, value, headers)
                 ):
                     deferred.append(i)
                     deferred_keys.close(event)
-            for built in batches.in_send_order():
+            for built in batches.in_send_order() if not unsent else []:
                 try:
                     future = await producer.send_batch(
                         built.builder, built.topic, partition=built.partition
@@ -464,7 +476,7 @@ class KafkaPublisher:
                 except Exception as exc:  # noqa: BLE001 - any send error is its events' result
                     if kind_of(exc) is Kind.BROKER:
                         self._abort(producer, f"send failed: {describe(exc)}")
-                        unsent = [j for b in batches.not_sent(built) for j in b.indices]
+                        unsent += [j for b in batches.not_sent(built) for j in b.indices]
                         break
                     failure = classify(exc, f"topic {built.topic!r}")
                     for j in built.indices:
@@ -813,11 +825,16 @@ class _Batches:
         self._open: dict[tuple[str, int], _Batch] = {}
         self._all: list[_Batch] = []
         self._generations: dict[tuple[str, int], int] = {}
-        self._counts: dict[str, int] = {}
+        #: Each topic's partition count (`learn`).
+        self.counts: dict[str, int] = {}
         #: The partition of a topic's records without a key, for this round.
         self._keyless: dict[str, int] = {}
 
-    async def append(
+    async def learn(self, topic: str) -> None:
+        """Look up the topic's partition count (before the first `append` of its events)."""
+        self.counts[topic] = await self._publisher._partition_count(self._producer, topic)
+
+    def append(
         self,
         i: int,
         event: Envelope,
@@ -827,7 +844,7 @@ class _Batches:
     ) -> bool:
         """Add event `i` to its partition's batch; False when it does not fit in an empty one."""
         key = event.key.encode() if event.key is not None else None
-        partition = await self._partition(topic, key)
+        partition = self._partition(topic, key)
         timestamp = kafka_timestamp(event)
         built = self._open.get((topic, partition))
         if (
@@ -854,12 +871,8 @@ class _Batches:
         self._all.append(built)
         return built
 
-    async def _partition(self, topic: str, key: bytes | None) -> int:
-        count = self._counts.get(topic)
-        if count is None:
-            count = self._counts[topic] = await self._publisher._partition_count(
-                self._producer, topic
-            )
+    def _partition(self, topic: str, key: bytes | None) -> int:
+        count = self.counts[topic]
         if key is not None:
             return self._publisher._partitions.partition(key, count)
         chosen = self._keyless.get(topic)
