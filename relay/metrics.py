@@ -14,6 +14,7 @@ from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -94,12 +95,19 @@ class RelayMetrics:
         published, latency = self.published, self.delivery_latency
         bounds, counts = latency.bounds, latency.counts
         total = 0.0
+        # The events of one transaction share created_at: one age per run of them.
+        last: datetime | None = None
+        age, slot = 0.0, 0
         for event, result in zip(batch, results, strict=True):
             if result is None:
                 published[event.topic] += 1
-                if event.created_at is not None:
-                    age = now - epoch_seconds(event.created_at)
-                    counts[bisect_left(bounds, age)] += 1
+                created = event.created_at
+                if created is not None:
+                    if created != last:
+                        last = created
+                        age = now - epoch_seconds(created)
+                        slot = bisect_left(bounds, age)
+                    counts[slot] += 1
                     total += age
             elif result.verdict is not Verdict.HELD:  # held: not this event's failure
                 self.failures[result.error_class, result.verdict is not Verdict.POISON] += 1

@@ -278,3 +278,35 @@ async def test_backlog_shows_the_transaction_that_holds_cleanup_back(
     finally:
         await holder.close()
         await store.stop()
+
+
+@pytest.mark.unit
+def test_delivery_latency_counts_each_delivered_event_by_its_own_age() -> None:
+    """Runs of events that share created_at (one transaction) are aged once; every event is
+    still counted in its own bucket, and failed events in none."""
+    import uuid
+    from datetime import UTC, datetime, timedelta
+
+    from outbox.envelope import Envelope
+    from outbox.relay.metrics import RelayMetrics
+    from outbox.relay.seams import Failure, Verdict
+
+    now = datetime.now(UTC)
+    ages = [0.001, 0.001, 3.0, 3.0, 0.001, 40.0, 0.001]
+    batch = [
+        Envelope(n, uuid.uuid4(), "t", "k", b"{}", created_at=now - timedelta(seconds=age))
+        for n, age in enumerate(ages, start=1)
+    ]
+    failed = Failure("Boom", "no", Verdict.RETRY)
+    results = [None, None, None, failed, None, None, None]
+    metrics = RelayMetrics()
+    metrics.record_batch(batch, results, 0.01)
+    latency = metrics.delivery_latency
+    expected = [0] * len(latency.counts)
+    for age, result in zip(ages, results, strict=True):
+        if result is None:
+            expected[next(i for i, b in enumerate(latency.bounds) if age <= b)] += 1
+    assert latency.counts == expected
+    assert metrics.published == {"t": 6}
+    delivered = [a for a, r in zip(ages, results, strict=True) if r is None]
+    assert latency.total == pytest.approx(sum(delivered), abs=1)
