@@ -31,6 +31,7 @@ from outbox.envelope import (
     Encoder,
     Envelope,
     EnvelopeMode,
+    _FastStream,
     iso_bytes,
     kafka_timestamp,
     resp_bulk,
@@ -257,6 +258,34 @@ def test_faststream_header_too_long_for_the_binary_format_goes_as_json() -> None
         str(event.id),
     )
     assert Envelope.from_redis_message("orders", message).headers["big"] == "é" * 40_000
+
+
+@pytest.mark.unit
+@settings(max_examples=200, deadline=None)
+@given(
+    key=st.none() | st.text(max_size=40) | st.just("k" * 70_000),
+    event_type=st.none() | st.text(max_size=20),
+    created=st.booleans(),
+    payload=st.text(max_size=20).map(lambda t: json.dumps(t).encode()),  # JSON, as stored
+)
+def test_faststream_message_without_headers_is_the_general_one(
+    key: str | None, event_type: str | None, created: bool, payload: bytes
+) -> None:
+    """The fast path (no headers of the event's own) builds the bytes of the general one, and
+    FastStream's parser reads them; a key too long for the binary format goes as JSON."""
+    framing = _FastStream()
+    event = envelope(
+        key=key,
+        event_type=event_type,
+        payload=payload,
+        headers={},
+        created_at=datetime(2024, 5, 1, 12, tzinfo=UTC) if created else None,
+    )
+    message = framing.message(event)
+    assert message == framing._message(event)
+    data, headers = BinaryMessageFormatV1.parse(message)
+    assert data == payload
+    assert headers.get("outbox-key") == key
 
 
 # -- CloudEvents -------------------------------------------------------------------------------
