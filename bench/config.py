@@ -67,7 +67,7 @@ class BenchConfig:
     scale_events: int = 100_000
     profile_events: int = 300_000
     #: The cost of metrics: drains of this many events, metrics off vs scraped, A B B A.
-    metrics_events: int = 100_000
+    metrics_events: int = 200_000
     metrics_rounds: int = 4
     #: The long-transaction cliff: a drain of this many events with a snapshot held open.
     long_txn_events: int = 400_000
@@ -76,7 +76,7 @@ class BenchConfig:
     notify_seconds: float = 5.0
     notify_rounds: int = 2
     #: The cost of each envelope mode: drains of this many events per mode, A B B A.
-    envelope_events: int = 50_000
+    envelope_events: int = 200_000
     envelope_rounds: int = 2
     #: The cost of delivered history: drains of this many events, history off vs on, A B B A.
     history_events: int = 100_000

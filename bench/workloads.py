@@ -11,10 +11,9 @@ import math
 import os
 import resource
 import socket
-import threading
+import sys
 import time
 import traceback
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -201,21 +200,28 @@ async def metrics_mode(relay: Relay, mode: str) -> AsyncIterator[None]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     stop_server = serve_metrics(relay, port, "127.0.0.1")
-    done = threading.Event()
-
-    def scrape() -> None:  # as Prometheus would, from another thread, every second
-        while not done.wait(1.0):
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-
-    scraper = threading.Thread(target=scrape, daemon=True)
-    scraper.start()
+    # As Prometheus would: from another process (a scraper thread in the relay's process
+    # would take the GIL from it for work that is not the relay's), every second.
+    scraper = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _SCRAPER, f"http://127.0.0.1:{port}/metrics"
+    )
     try:
         yield
     finally:
-        done.set()
-        scraper.join()
+        scraper.kill()
+        await scraper.wait()
         stop_server()
+
+
+_SCRAPER = """
+import sys, time, urllib.request
+while True:
+    time.sleep(1.0)
+    try:
+        urllib.request.urlopen(sys.argv[1], timeout=5).read()
+    except OSError:
+        pass
+"""
 
 
 async def long_transaction(ctx: Context) -> list[Result]:
