@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import asyncpg
 import psutil
@@ -300,66 +300,40 @@ def _tenth_rates(marks: list[tuple[float, int]], total: int) -> list[float]:
 
 
 async def metrics_cost(ctx: Context) -> list[Result]:
-    """The drain with metrics recorded and scraped every second vs recording switched off,
-    in A B B A order per broker; the median run of each mode is reported."""
+    """The drain with metrics recorded and scraped every second vs recording switched off."""
     cfg = ctx.config
-    out: list[Result] = []
-    for broker in cfg.brokers:
-        runs: dict[str, list[Result]] = {"off": [], "scraped": []}
-        for mode in abba(("off", "scraped"), cfg.metrics_rounds):
-            base = {
-                "system": f"outbox, metrics {mode}",
-                "broker": broker,
-                "events": cfg.metrics_events,
-            }
-            run = functools.partial(_drain_outbox, ctx, broker, cfg.metrics_events, metrics=mode)
-            runs[mode].append(await guarded(ctx, f"drain {base['system']} {broker}", run, base))
-        out += [median_run(r) for r in runs.values()]
-    return out
+    return await _drains_by_mode(
+        ctx, "metrics", ("off", "scraped"), cfg.metrics_rounds, cfg.metrics_events
+    )
 
 
 async def envelope_cost(ctx: Context) -> list[Result]:
-    """The drain in each envelope mode, in A B B A order per broker; the median run of each
-    mode is reported (the target: each within 10 % of plain)."""
+    """The drain in each envelope mode (the target: each within 10 % of plain)."""
     cfg = ctx.config
-    out: list[Result] = []
-    for broker in cfg.brokers:
-        runs: dict[str, list[Result]] = {mode: [] for mode in MODES}
-        for mode in abba(MODES, cfg.envelope_rounds):
-            base = {
-                "system": f"outbox, envelope {mode}",
-                "broker": broker,
-                "events": cfg.envelope_events,
-            }
-            run = functools.partial(
-                _drain_outbox, ctx, broker, cfg.envelope_events, envelope=cast(EnvelopeMode, mode)
-            )
-            runs[mode].append(await guarded(ctx, f"drain {base['system']} {broker}", run, base))
-        out += [median_run(r) for r in runs.values()]
-    return out
+    return await _drains_by_mode(ctx, "envelope", MODES, cfg.envelope_rounds, cfg.envelope_events)
 
 
 async def history_cost(ctx: Context) -> list[Result]:
     """The drain with delivered history on (each delivered row moved into outbox_delivered,
-    with its broker position) vs off (deleted), in A B B A order per broker; the median run
-    of each mode is reported (the target: on >= 0.8x off)."""
+    with its broker position) vs off (deleted) (the target: on >= 0.8x off)."""
     cfg = ctx.config
+    return await _drains_by_mode(
+        ctx, "history", ("off", "on"), cfg.history_rounds, cfg.history_events
+    )
+
+
+async def _drains_by_mode(
+    ctx: Context, setting: str, modes: tuple[str, ...], rounds: int, events: int
+) -> list[Result]:
+    """Drains of `events` with `_drain_outbox`'s `setting` in each of `modes`, in A B B A
+    order per broker; the median run of each mode is reported."""
     out: list[Result] = []
-    for broker in cfg.brokers:
-        runs: dict[str, list[Result]] = {"off": [], "on": []}
-        for mode in abba(("off", "on"), cfg.history_rounds):
-            base = {
-                "system": f"outbox, history {mode}",
-                "broker": broker,
-                "events": cfg.history_events,
-            }
-            run = functools.partial(
-                _drain_outbox,
-                ctx,
-                broker,
-                cfg.history_events,
-                history=cast(Literal["off", "on"], mode),
-            )
+    for broker in ctx.config.brokers:
+        runs: dict[str, list[Result]] = {mode: [] for mode in modes}
+        for mode in abba(modes, rounds):
+            base = {"system": f"outbox, {setting} {mode}", "broker": broker, "events": events}
+            options: dict[str, Any] = {setting: mode}  # the mode's name is the setting's value
+            run = functools.partial(_drain_outbox, ctx, broker, events, **options)
             runs[mode].append(await guarded(ctx, f"drain {base['system']} {broker}", run, base))
         out += [median_run(r) for r in runs.values()]
     return out
