@@ -56,15 +56,17 @@ class RelayStats:
 
 
 #: A claim grows while its events spread over many topics: Kafka sends one record batch per
-#: partition, so 500 events over 500 topics went out as 500 one-record batches in one request
-#: (docs/benchmarks.md, "Many topics"). After a full claim over so many topics that a claim of
-#: `batch_size` would give them fewer than this many events each on average, the next claim
-#: takes ...
+#: partition, and each batch costs aiokafka ~50 us of CPU whatever it holds (building it,
+#: its part of the produce request and of the response, its future), against ~5 us per
+#: record. 500 events over 500 topics went out as 500 one-record batches (docs/benchmarks.md,
+#: "Many topics"). After a full claim over so many topics that a claim of `batch_size` would
+#: give them fewer than this many events each on average, the next claim takes ...
 SPREAD_EVENTS_PER_TOPIC = 4
-#: ... this many times `batch_size`, at most MAX_CLAIM events. Bytes stay capped by the store's
-#: `max_batch_bytes`.
-SPREAD_GROWTH = 20
-MAX_CLAIM = 10_000
+#: ... this many events per topic it saw, at most SPREAD_GROWTH times `batch_size` and at most
+#: MAX_CLAIM events. Bytes stay capped by the store's `max_batch_bytes`.
+SPREAD_TARGET_PER_TOPIC = 50
+SPREAD_GROWTH = 100
+MAX_CLAIM = 50_000
 
 
 class Relay:
@@ -391,18 +393,18 @@ class Relay:
         return asyncio.get_running_loop().time() >= self._next_rebalance
 
     def _next_claim_size(self, claim: Claim) -> int:
-        """`max_claim` after a full claim whose events spread over many topics, so that each
-        partition gets more than one record per request; else `batch_size`. One topic, or a
-        backlog that ran out, claims as configured. Measured against `batch_size`, not the
-        claim's own size: a grown claim stays grown while the spread lasts (else every other
-        claim was small again)."""
-        events = claim.events
-        if (
-            claim.full
-            and len({e.topic for e in events}) * SPREAD_EVENTS_PER_TOPIC > self.batch_size
-        ):
-            return self.max_claim
-        return self.batch_size
+        """After a full claim whose events spread over many topics, enough for
+        SPREAD_TARGET_PER_TOPIC events per topic (at most `max_claim`), so that each partition
+        gets more than a few records per request; else `batch_size`. One topic, or a backlog
+        that ran out, claims as configured. The spread is measured against `batch_size`, not
+        the claim's own size: a grown claim stays grown while the spread lasts (else every
+        other claim was small again)."""
+        if not claim.full:
+            return self.batch_size
+        topics = len({e.topic for e in claim.events})
+        if topics * SPREAD_EVENTS_PER_TOPIC <= self.batch_size:
+            return self.batch_size
+        return max(self.batch_size, min(self.max_claim, topics * SPREAD_TARGET_PER_TOPIC))
 
     async def _rebalance_if_due(self) -> bool:
         """Rebalance the buckets if it is time; True if this relay gained buckets."""
