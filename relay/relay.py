@@ -333,6 +333,10 @@ class Relay:
                             self.store.claim(size, exclude=exclude, after=after)
                         )
                     if batch or parked:
+                        # Let the prefetch and the last batch's settle send their statements
+                        # before the publish takes the CPU: else they waited for its first
+                        # await, and the settle was the loop's critical path.
+                        await asyncio.sleep(0)
                         results = await self._publish(batch) if batch else []
                         if results is None:  # broker down: nothing moves, nothing skips ahead
                             await pipe.drop_prefetch()

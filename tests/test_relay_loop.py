@@ -711,3 +711,47 @@ async def test_a_claim_grows_while_its_events_spread_over_many_topics(
     assert seqs(publisher.published) == seqs(events)
     assert store.limits[: len(expected)] == expected
     assert max(store.limits) <= 1000  # batch_size 10 x SPREAD_GROWTH
+
+
+# -- the pipeline's statements go out before the publish takes the CPU ------------------------
+class NotesStarts(TrackedSqliteStore):
+    """Counts the claims and settles the relay has started (entered, not finished)."""
+
+    def __init__(self, db: OutboxDb) -> None:
+        super().__init__(db.url, clock=db.clock)
+        self.claims_started = 0
+        self.settles_started = 0
+
+    async def claim(self, limit: int, exclude: Sequence[int] = (), after: int = 0) -> Claim:
+        self.claims_started += 1
+        return await super().claim(limit, exclude, after)
+
+    async def mark_delivered(
+        self, seqs: Sequence[int], positions: Sequence[Position | None] = ()
+    ) -> int:
+        self.settles_started += 1
+        return await super().mark_delivered(seqs, positions)
+
+
+class SeesStarts(RecordingPublisher):
+    def __init__(self, store: NotesStarts) -> None:
+        super().__init__()
+        self.store = store
+        self.seen: list[tuple[int, int]] = []
+
+    async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
+        self.seen.append((self.store.claims_started, self.store.settles_started))
+        return await super().publish(batch)
+
+
+async def test_the_prefetch_and_the_last_settle_start_before_the_next_publish(db: OutboxDb) -> None:
+    """A publish is CPU work before its first await (a Kafka or Redis batch of 500 takes about
+    a millisecond to build): the prefetch's claim and the previous batch's settle must already
+    be on their way to Postgres then, or the settle becomes the loop's critical path."""
+    await db.add_all([OutboxEvent(topic="t", key=f"k{n}", payload={}) for n in range(30)])
+    store = NotesStarts(db)
+    publisher = SeesStarts(store)
+    stats = await make_relay(store, publisher).drain()
+    assert stats.delivered == 30
+    # publish n (from 0): claims 0..n+1 started (the prefetch), settles of batches 0..n-1
+    assert publisher.seen == [(2, 0), (3, 1), (4, 2)]
