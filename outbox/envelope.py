@@ -28,7 +28,7 @@ import typing
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from json.encoder import encode_basestring  # in C; keeps non-ASCII text as it is
 from typing import Any, Literal
 
@@ -170,8 +170,8 @@ def kafka_timestamp(event: Envelope) -> int | None:
 
 
 def epoch_seconds(when: datetime) -> float:
-    """`when.timestamp()`, from the same cache as `iso_bytes`."""
-    return _instant(when)[1] / 1000
+    """`when.timestamp()`, a naive `when` read as UTC (as the envelope's timestamps are)."""
+    return (when if when.tzinfo is not None else when.replace(tzinfo=UTC)).timestamp()
 
 
 async def faststream_parser(message: Any, parse: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -266,16 +266,29 @@ def iso_bytes(when: datetime) -> bytes:
 #: together: one conversion per transaction. (A datetime's hash, which an lru_cache needs,
 #: cost more than the conversion.)
 _last_instant: tuple[datetime, bytes, int] = (_EPOCH, _EPOCH.isoformat().encode(), 0)
+#: The ISO 8601 bytes of the last second converted, around the fraction: (tzinfo, fold, epoch
+#: second, bytes up to the seconds, the offset). Events committed within one second differ
+#: only in their fraction: `isoformat` cost 0.7 of the 1.2 us an event took when every
+#: event had a `created_at` of its own (one event per transaction).
+_last_second: tuple[tzinfo | None, int, int, bytes, bytes] = (UTC, 0, 0, b"", b"")
 
 
 def _instant(when: datetime) -> tuple[bytes, int]:
-    global _last_instant  # a one-entry cache
+    global _last_instant, _last_second  # one-entry caches
     last = _last_instant
+    zone = when.tzinfo
     # Same tzinfo object: equal values print alike (no offset of their own to compare).
-    if when.tzinfo is last[0].tzinfo and when == last[0] and when.fold == last[0].fold:
+    if zone is last[0].tzinfo and when == last[0] and when.fold == last[0].fold:
         return last[1], last[2]
-    iso = when.isoformat().encode()
-    ms = ((when if when.tzinfo is not None else when.replace(tzinfo=UTC)) - _EPOCH) // _MS
+    ms = ((when if zone is not None else when.replace(tzinfo=UTC)) - _EPOCH) // _MS
+    second, fraction = ms // 1000, when.microsecond
+    head = _last_second
+    if zone is not head[0] or second != head[2] or when.fold != head[1]:
+        # Same zone, same instant to the second: the same wall time and offset.
+        text = when.isoformat().encode()
+        head = (zone, when.fold, second, text[:19], text[26:] if fraction else text[19:])
+        _last_second = head
+    iso = head[3] + b".%06d" % fraction + head[4] if fraction else head[3] + head[4]
     _last_instant = (when, iso, ms)
     return iso, ms
 

@@ -421,7 +421,7 @@ status_redis() {
 kafka_running() {
   local pid
   pid="$(read_pid "$KAFKA_PID")"
-  pid_alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'kafka\.Kafka'
+  pid_alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -c 'kafka\.Kafka' >/dev/null
 }
 
 # Download org.apache.kafka:$1 $KAFKA_VERSION and its runtime dependencies into $2, once (a
@@ -617,7 +617,9 @@ kafka_wait_ready() {
       show_log "$KAFKA_OUT" "$KAFKA_LOG"
       die "kafka process exited during startup"
     fi
-    if ((started == 0)) && tail -c +"$((log_offset + 1))" "$KAFKA_LOG" 2>/dev/null | grep -q 'Kafka Server started'; then
+    # grep -c reads to the end: `grep -q` quits at the match, and `tail` writing the rest of a
+    # big log then dies of SIGPIPE, which pipefail reads as "not started" (120 s, then failed).
+    if ((started == 0)) && tail -c +"$((log_offset + 1))" "$KAFKA_LOG" 2>/dev/null | grep -c 'Kafka Server started' >/dev/null; then
       started=1
     fi
     if ((started)) && kafka_api_ok; then

@@ -32,6 +32,7 @@ from outbox.envelope import (
     Envelope,
     EnvelopeMode,
     _FastStream,
+    epoch_seconds,
     iso_bytes,
     kafka_timestamp,
     resp_bulk,
@@ -155,6 +156,32 @@ def test_time_conversions_are_those_of_the_value_in_any_order(
     same_in_paris = noon_utc.astimezone(timezone(timedelta(hours=2)))
     assert iso_bytes(noon_utc) == b"2024-05-01T12:00:00+00:00"
     assert iso_bytes(same_in_paris) == b"2024-05-01T14:00:00+02:00"
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1971, 1, 1),
+        max_value=datetime(2200, 1, 1),
+        timezones=st.sampled_from(
+            [UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-5))]
+        ),
+    ),
+    st.lists(st.tuples(st.sampled_from([0, 1, 999, 500_000, 999_999]), st.booleans()), max_size=10),
+)
+def test_time_conversions_within_one_second_print_their_own_fraction(
+    base: datetime, steps: list[tuple[int, bool]]
+) -> None:
+    """Events committed within one second share the bytes up to the seconds: each still gets
+    its own fraction (none at all when it is zero, as `isoformat` prints it) and offset."""
+    paris = timezone(timedelta(hours=2))
+    for microsecond, elsewhere in steps:
+        when = base.replace(microsecond=microsecond)
+        if elsewhere:
+            when = when.astimezone(paris)
+        assert iso_bytes(when) == when.isoformat().encode()
+        expected = (when - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+        assert kafka_timestamp(envelope(created_at=when)) == expected
+        assert epoch_seconds(when) == when.timestamp()
 
 
 # -- plain ------------------------------------------------------------------------------------
