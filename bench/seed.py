@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -15,7 +16,13 @@ from outbox.urls import asyncpg_dsn
 #: Rows per COPY call (bounds the memory of a 1M seed).
 CHUNK = 50_000
 #: No bucket: Postgres computes it, for COPY too (migration 0004).
-OUTBOX_COLUMNS = ("id", "topic", "key", "payload", "headers")
+OUTBOX_COLUMNS = ("id", "topic", "key", "payload", "headers", "created_at", "available_at")
+#: Each seeded event has a `created_at` of its own, this far after the one before, as if
+#: written one per transaction (100,000 a second). One COPY transaction would give them all
+#: its start time, which a relay converts once for the whole backlog: the drain measured
+#: ~7 % faster than with events as writers make them. `available_at` is the same instant
+#: (a later one would make the row a waiting one: a retry or a delayed delivery).
+EVENT_SPACING = timedelta(microseconds=10)
 FASTSTREAM_COLUMNS = ("queue", "payload", "headers")
 
 
@@ -46,12 +53,14 @@ def key_of(n: int, keys: int) -> str:
 
 
 def _outbox_rows(
-    start: int, stop: int, topics: Sequence[str], keys: int
+    start: int, stop: int, topics: Sequence[str], keys: int, first: datetime
 ) -> Iterator[tuple[object, ...]]:
-    """Event n has key n % keys and topic n % len(topics)."""
+    """Event n has key n % keys, topic n % len(topics), created (and due) at `first` +
+    n * EVENT_SPACING."""
     for n in range(start, stop):
         topic = topics[n % len(topics)]
-        yield (uuid7(), topic, key_of(n, keys), payload(n, new_bench_id()), "{}")
+        created = first + n * EVENT_SPACING
+        yield (uuid7(), topic, key_of(n, keys), payload(n, new_bench_id()), "{}", created, created)
 
 
 async def seed_outbox(
@@ -67,6 +76,7 @@ async def seed_outbox(
 
     `on_commit` runs right after the commit, before ANALYZE: the moment a running relay can
     start on them. `topics`: spread the events over these topics instead of `topic`."""
+    first = datetime.now(UTC) - timedelta(seconds=1) - count * EVENT_SPACING
     conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         async with conn.transaction():
@@ -74,7 +84,7 @@ async def seed_outbox(
                 stop = min(count, start + CHUNK)
                 await conn.copy_records_to_table(
                     "outbox_events",
-                    records=list(_outbox_rows(start, stop, topics or (topic,), keys)),
+                    records=list(_outbox_rows(start, stop, topics or (topic,), keys, first)),
                     columns=OUTBOX_COLUMNS,
                 )
         if on_commit is not None:
