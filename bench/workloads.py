@@ -190,26 +190,40 @@ class _NoMetrics(RelayMetrics):
 
 
 @contextlib.asynccontextmanager
-async def metrics_mode(relay: Relay, mode: str) -> AsyncIterator[None]:
+async def scraper(mode: str) -> AsyncIterator[int]:
+    """With "scraped": a port for the relay's metrics, and a process that scrapes it every
+    second, as Prometheus would (a thread in the relay's process would take the GIL from it
+    for work that is not the relay's). Started before the drain is timed: a scraper runs
+    before the relay starts, and its Python's start is not the relay's cost."""
+    if mode != "scraped":
+        yield 0
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _SCRAPER, f"http://127.0.0.1:{port}/metrics"
+    )
+    try:
+        yield port
+    finally:
+        process.kill()
+        await process.wait()
+
+
+@contextlib.asynccontextmanager
+async def metrics_mode(relay: Relay, mode: str, port: int) -> AsyncIterator[None]:
+    """ "off": recording replaced by no-ops; "scraped": also served on `port` (see
+    `scraper`)."""
     if mode == "off":
         relay.metrics = _NoMetrics()
     if mode != "scraped":
         yield
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     stop_server = serve_metrics(relay, port, "127.0.0.1")
-    # As Prometheus would: from another process (a scraper thread in the relay's process
-    # would take the GIL from it for work that is not the relay's), every second.
-    scraper = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _SCRAPER, f"http://127.0.0.1:{port}/metrics"
-    )
     try:
         yield
     finally:
-        scraper.kill()
-        await scraper.wait()
         stop_server()
 
 
@@ -494,23 +508,28 @@ async def _drain_outbox(
         if waiting:
             await seed_waiting(url, waiting, topic)
         try:
-            cpu = cpu_self()
-            started = time.perf_counter()
-            relay = build_relay(
-                RelaySettings(
-                    database_url=url,
-                    broker=broker,
-                    kafka_bootstrap=ctx.services.kafka_bootstrap,
-                    redis_url=ctx.services.redis_url,
-                    relay_id="bench-drain",
-                    envelope=envelope,
-                    history=history,
+            async with scraper(metrics) as port:
+                await asyncio.sleep(0.5 if port else 0)  # the scraper's Python has started
+                cpu = cpu_self()
+                started = time.perf_counter()
+                relay = build_relay(
+                    RelaySettings(
+                        database_url=url,
+                        broker=broker,
+                        kafka_bootstrap=ctx.services.kafka_bootstrap,
+                        redis_url=ctx.services.redis_url,
+                        relay_id="bench-drain",
+                        envelope=envelope,
+                        history=history,
+                    )
                 )
-            )
-            async with asyncio.timeout(ctx.config.drain_timeout), metrics_mode(relay, metrics):
-                stats = await relay.drain()
-                seconds = time.perf_counter() - started  # not the metrics server's shutdown
-                cpu = cpu_self() - cpu
+                async with (
+                    asyncio.timeout(ctx.config.drain_timeout),
+                    metrics_mode(relay, metrics, port),
+                ):
+                    stats = await relay.drain()
+                    seconds = time.perf_counter() - started  # not the metrics server's shutdown
+                    cpu = cpu_self() - cpu
             delivered = await ctx.ops.delivered(broker, topic)
             table = await table_stats(url, "outbox_events")
         finally:

@@ -16,6 +16,8 @@ import asyncpg
 import httpx
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -310,3 +312,49 @@ def test_delivery_latency_counts_each_delivered_event_by_its_own_age() -> None:
     assert metrics.published == {"t": 6}
     delivered = [a for a, r in zip(ages, results, strict=True) if r is None]
     assert latency.total == pytest.approx(sum(delivered), abs=1)
+
+
+@pytest.mark.unit
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            # ages well inside a bucket: the test's clock and the relay's are read apart
+            st.sampled_from([0.07, 0.17, 0.35, 0.7, 1.5, 3.5, 7.0, 20.0, 45.0, 120.0, 1000.0]),
+            st.sampled_from(["a", "b", "c"]),
+            st.booleans(),
+        ),
+        max_size=40,
+    )
+)
+def test_delivery_latency_of_a_batch_in_any_order_is_that_of_each_event(
+    events: list[tuple[float, str, bool]],
+) -> None:
+    """The ages are sorted once and counted per bucket by bisection: the counts, the sum and
+    the topics must be those of one observation per delivered event, whatever the order."""
+    import uuid
+    from datetime import UTC, datetime, timedelta
+
+    from outbox.envelope import Envelope
+    from outbox.relay.metrics import RelayMetrics
+    from outbox.relay.seams import Failure, Verdict
+
+    now = datetime.now(UTC)
+    batch = [
+        Envelope(n, uuid.uuid4(), topic, "k", b"{}", created_at=now - timedelta(seconds=age))
+        for n, (age, topic, _) in enumerate(events, start=1)
+    ]
+    failed = Failure("Boom", "no", Verdict.RETRY)
+    results = [failed if fails else None for _, _, fails in events]
+    metrics = RelayMetrics()
+    metrics.record_batch(batch, results, 0.01)
+    reference = RelayMetrics().delivery_latency
+    topics: dict[str, int] = {}
+    for age, topic, fails in events:
+        if not fails:
+            reference.observe(age)
+            topics[topic] = topics.get(topic, 0) + 1
+    assert metrics.delivery_latency.counts == reference.counts
+    assert metrics.delivery_latency.total == pytest.approx(reference.total, abs=0.5)
+    assert dict(metrics.published) == topics
+    assert sum(metrics.failures.values()) == sum(fails for _, _, fails in events)
