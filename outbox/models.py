@@ -146,6 +146,15 @@ class OutboxEvent(OutboxBase):
             postgresql_where=text("available_at > created_at"),
             sqlite_where=text("available_at > created_at"),
         ),
+        # "Is any row waiting that is not due yet?" in one probe from now(), however many
+        # waiting rows are due already. `attempts >= 0` (always true) keeps it to the queries
+        # that say so: the per-key probe stays on the index above (migration 0009).
+        Index(
+            "ix_outbox_events_waiting_at",
+            "available_at",
+            postgresql_where=text("available_at > created_at AND attempts >= 0"),
+            sqlite_where=text("available_at > created_at AND attempts >= 0"),
+        ),
         # SQLite: never reuse a seq after the table empties (consumers may order by it).
         {"sqlite_autoincrement": True},
     )

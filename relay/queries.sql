@@ -16,11 +16,13 @@
 -- so the relay's memory follows bytes, not only the event count, without Postgres having to
 -- decompress payloads that will not be sent.
 -- Cost: an index scan of the primary key in seq order. Each of the two per-key checks is an
--- InitPlan run once per claim ("is any row waiting / any key held at all?") and, only when that
--- is true, one probe per row into a small partial index of the waiting rows / held keys; so
--- the claim does not slow down with the number of waiting rows or quarantined keys.
+-- InitPlan run once per claim ("is any row waiting / any key held at all?", one probe of
+-- ix_outbox_events_waiting_at / the quarantine index) and, only when that is true, one probe
+-- per row into a small partial index of the waiting rows / held keys; so the claim does not
+-- slow down with the number of waiting rows (due or not) or quarantined keys.
 -- "w.available_at > w.created_at" always holds for a waiting row (now() >= created_at); it
--- matches the partial indexes' predicate.
+-- matches the partial indexes' predicate ("w.attempts >= 0", always true, that of
+-- ix_outbox_events_waiting_at: see migration 0009).
 -- $5, the floor: the relay knows that no event of its buckets with a lower seq is left to
 -- claim (relay/floor.py), so the scan starts there instead of walking the rows deleted since
 -- the oldest open transaction began. Waiting rows (retries, delays, replayed dead letters) are
@@ -51,7 +53,8 @@ FROM (
       AND e.seq NOT IN (SELECT unnest($3::bigint[]))
       AND (e.key IS NULL
            OR NOT (SELECT EXISTS (SELECT 1 FROM outbox_events AS w
-                                  WHERE w.available_at > now() AND w.available_at > w.created_at))
+                                  WHERE w.available_at > now() AND w.available_at > w.created_at
+                                    AND w.attempts >= 0))
            OR NOT EXISTS (SELECT 1 FROM outbox_events AS w
                           WHERE w.key = e.key AND w.seq < e.seq
                             AND w.available_at > w.created_at AND w.available_at > now()))
@@ -453,7 +456,7 @@ LIMIT 1;
 
 -- name: status_waiting --
 -- Events not due yet, at most $1 of them (NULL: all), from the partial index
--- ix_outbox_events_waiting_key: retrying (attempts > 0) or delayed, how many wait longer than
+-- ix_outbox_events_waiting_at: retrying (attempts > 0) or delayed, how many wait longer than
 -- $2 seconds, and the soonest and latest time one becomes due.
 SELECT count(*) AS counted,
        count(*) FILTER (WHERE w.attempts > 0) AS retrying,
@@ -461,7 +464,7 @@ SELECT count(*) AS counted,
        min(w.available_at) AS soonest,
        max(w.available_at) AS latest
 FROM (SELECT available_at, attempts FROM outbox_events
-      WHERE available_at > created_at AND available_at > now()
+      WHERE available_at > created_at AND attempts >= 0 AND available_at > now()
       LIMIT $1) AS w;
 
 -- name: status_dead_letters --

@@ -23,7 +23,8 @@ FROM outbox_events AS e
 WHERE e.available_at <= :now
   AND (e.key IS NULL
        OR NOT EXISTS (SELECT 1 FROM outbox_events AS w
-                      WHERE w.available_at > :now AND w.available_at > w.created_at)
+                      WHERE w.available_at > :now AND w.available_at > w.created_at
+                        AND w.attempts >= 0)
        OR NOT EXISTS (SELECT 1 FROM outbox_events AS w
                       WHERE w.key = e.key AND w.seq < e.seq
                         AND w.available_at > w.created_at AND w.available_at > :now))

@@ -243,6 +243,39 @@ async def test_claim_is_an_index_scan_whatever_waits(database_url: str, waiting:
     assert "ix_outbox_events_waiting_seq on outbox_events f" in plan, plan
 
 
+async def test_claim_asks_whether_any_row_is_not_due_in_one_probe(database_url: str) -> None:
+    """20,000 waiting rows that are due already (a republished history, replayed dead
+    letters) and one that is not: the claim's "is any row not due yet?" is a probe of
+    ix_outbox_events_waiting_at from now(), not a read of every waiting row (4.9 ms a claim
+    over 200,000 of them), and the per-key probe stays on ix_outbox_events_waiting_key."""
+    pg = await asyncpg.connect(asyncpg_dsn(database_url), server_settings=PLANNER_SETTINGS)
+    try:
+        await pg.execute(
+            "INSERT INTO outbox_events (id, topic, key, payload, created_at, available_at) "
+            "SELECT gen_random_uuid(), 't', 'k' || (g % 1000), '{}', "
+            "now() - interval '1 hour', now() FROM generate_series(1, 20000) AS g"
+        )
+        await pg.execute(
+            "INSERT INTO outbox_events (id, topic, key, payload, available_at, attempts) "
+            "VALUES (gen_random_uuid(), 't', 'later', '{}', now() + interval '1 hour', 1)"
+        )
+        await pg.execute(
+            "UPDATE outbox_bucket_leases SET owner = 'r1', lease_until = now() + interval '1 hour'"
+        )
+        await pg.execute("ANALYZE")
+        plan = "\n".join(
+            r[0]
+            for r in await pg.fetch(
+                "EXPLAIN (ANALYZE, BUFFERS) " + QUERIES["claim_batch"], "r1", 500, [], 2**24, 0
+            )
+        )
+    finally:
+        await pg.close()
+    assert "rows=500 loops=1" in plan, plan
+    assert "Index Only Scan using ix_outbox_events_waiting_at on outbox_events w " in plan, plan
+    assert "ix_outbox_events_waiting_key on outbox_events w_1" in plan, plan
+
+
 async def test_claim_leaves_out_the_events_in_flight_through_a_hash(database_url: str) -> None:
     """A prefetched claim leaves out up to two batches in flight. As `seq <> ALL($3)` every
     row it walked was compared with every excluded seq: per claim of 500 with 1,000 excluded,
