@@ -259,15 +259,7 @@ async def _drain_holding_snapshot(ctx: Context, broker: Broker, size: int) -> Re
         try:
             await holder.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
             await holder.fetchval("SELECT count(*) FROM outbox_events")  # takes the snapshot
-            relay = build_relay(
-                RelaySettings(
-                    database_url=url,
-                    broker=broker,
-                    kafka_bootstrap=ctx.services.kafka_bootstrap,
-                    redis_url=ctx.services.redis_url,
-                    relay_id="bench-longtx",
-                )
-            )
+            relay = _relay(ctx, url, broker, "bench-longtx")
             marks: list[tuple[float, int]] = []
 
             async def sample() -> None:
@@ -453,16 +445,7 @@ async def _drain_history(ctx: Context, url: str, broker: Broker, size: int) -> R
     topic, _ = await _seeded(ctx, url, broker, size, f"prune-{broker}")
     try:
         started = time.perf_counter()
-        relay = build_relay(
-            RelaySettings(
-                database_url=url,
-                broker=broker,
-                kafka_bootstrap=ctx.services.kafka_bootstrap,
-                redis_url=ctx.services.redis_url,
-                relay_id=f"bench-prune-{uuid.uuid4().hex[:4]}",
-                history="on",
-            )
-        )
+        relay = _relay(ctx, url, broker, f"bench-prune-{uuid.uuid4().hex[:4]}", history="on")
         async with asyncio.timeout(ctx.config.drain_timeout):
             stats = await relay.drain()
         seconds = time.perf_counter() - started
@@ -512,17 +495,7 @@ async def _drain_outbox(
                 await asyncio.sleep(0.5 if port else 0)  # the scraper's Python has started
                 cpu = cpu_self()
                 started = time.perf_counter()
-                relay = build_relay(
-                    RelaySettings(
-                        database_url=url,
-                        broker=broker,
-                        kafka_bootstrap=ctx.services.kafka_bootstrap,
-                        redis_url=ctx.services.redis_url,
-                        relay_id="bench-drain",
-                        envelope=envelope,
-                        history=history,
-                    )
-                )
+                relay = _relay(ctx, url, broker, "bench-drain", envelope=envelope, history=history)
                 async with (
                     asyncio.timeout(ctx.config.drain_timeout),
                     metrics_mode(relay, metrics, port),
@@ -547,6 +520,20 @@ async def _drain_outbox(
         "live_tuples": table.get("n_live_tup"),
         "table_bytes": table.get("total_bytes"),
     }
+
+
+def _relay(ctx: Context, url: str, broker: Broker, relay_id: str, **options: Any) -> Relay:
+    """The relay as the harness runs it in its own process, on the shared services."""
+    return build_relay(
+        RelaySettings(
+            database_url=url,
+            broker=broker,
+            kafka_bootstrap=ctx.services.kafka_bootstrap,
+            redis_url=ctx.services.redis_url,
+            relay_id=relay_id,
+            **options,
+        )
+    )
 
 
 async def _drain_naive(ctx: Context, broker: Broker, size: int, lean: bool = False) -> Result:

@@ -190,6 +190,16 @@ async def test_queue_table_vacuums_aggressively(pg: asyncpg.Connection) -> None:
     assert "autovacuum_vacuum_scale_factor=0.0" in options
 
 
+async def claim_plan(pg: asyncpg.Connection, exclude: list[int]) -> str:
+    """Every bucket leased to r1, ANALYZE, then EXPLAIN ANALYZE of r1's claim of 500."""
+    await pg.execute(
+        "UPDATE outbox_bucket_leases SET owner = 'r1', lease_until = now() + interval '1 hour'"
+    )
+    await pg.execute("ANALYZE")
+    explain = "EXPLAIN (ANALYZE, BUFFERS) " + QUERIES["claim_batch"]
+    return "\n".join(r[0] for r in await pg.fetch(explain, "r1", 500, exclude, 2**24, 0))
+
+
 @pytest.mark.parametrize("waiting", [0, 200, 20_000])
 async def test_claim_is_an_index_scan_whatever_waits(database_url: str, waiting: int) -> None:
     """The retry cliff: after ANALYZE, with rows of other keys waiting (retries, delays) and
@@ -215,21 +225,7 @@ async def test_claim_is_an_index_scan_whatever_waits(database_url: str, waiting:
             "SELECT gen_random_uuid(), -g, 't', 'q' || g, '{}', '{}', now(), 1, now(), now(), "
             "'E', 'e', 'r0', true FROM generate_series(1, 1000) AS g"
         )
-        await pg.execute(
-            "UPDATE outbox_bucket_leases SET owner = 'r1', lease_until = now() + interval '1 hour'"
-        )
-        await pg.execute("ANALYZE")
-        plan = "\n".join(
-            r[0]
-            for r in await pg.fetch(
-                "EXPLAIN (ANALYZE, BUFFERS) " + QUERIES["claim_batch"],
-                "r1",
-                500,
-                list(range(501)),
-                2**24,
-                0,
-            )
-        )
+        plan = await claim_plan(pg, exclude=list(range(501)))
     finally:
         await pg.close()
     assert "Index Scan using pk_outbox_events on outbox_events e" in plan, plan
@@ -259,16 +255,7 @@ async def test_claim_asks_whether_any_row_is_not_due_in_one_probe(database_url: 
             "INSERT INTO outbox_events (id, topic, key, payload, available_at, attempts) "
             "VALUES (gen_random_uuid(), 't', 'later', '{}', now() + interval '1 hour', 1)"
         )
-        await pg.execute(
-            "UPDATE outbox_bucket_leases SET owner = 'r1', lease_until = now() + interval '1 hour'"
-        )
-        await pg.execute("ANALYZE")
-        plan = "\n".join(
-            r[0]
-            for r in await pg.fetch(
-                "EXPLAIN (ANALYZE, BUFFERS) " + QUERIES["claim_batch"], "r1", 500, [], 2**24, 0
-            )
-        )
+        plan = await claim_plan(pg, exclude=[])
     finally:
         await pg.close()
     assert "rows=500 loops=1" in plan, plan
