@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from outbox.relay.retry import CircuitBreaker
+from outbox.relay.stores.postgres import PostgresStore
 from outbox.urls import asyncpg_dsn
 from tests.fakes import RecordingPublisher
 from tests.helpers import (
@@ -23,6 +26,8 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.postgres
+
+T = TypeVar("T")
 
 RELAY_BACKENDS = (
     "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name LIKE 'outbox-relay%'"
@@ -118,3 +123,38 @@ async def test_statement_timeout_and_connection_limit_are_outages_not_crashes(
         await pg.execute(f"DROP ROLE {role}")
     assert_per_key_order(publisher.published)
     assert {e.id for e in publisher.published} == {e.id for e in events}
+
+
+async def test_a_terminated_listen_connection_is_replaced_at_once(database_url: str) -> None:
+    """The server closing the LISTEN connection (pg_terminate_backend, a restart) is noticed
+    when it happens, not at the next 5 s ping: NOTIFYs were lost until then, and a relay
+    stopped before the ping never noticed at all."""
+    store = PostgresStore(database_url, lease_seconds=30)
+    await store.start("listen-1")
+    woken = asyncio.Event()
+    store.on_new_events(woken.set)
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    name = "outbox-relay listen listen-1"
+    query = "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
+    try:
+        first = await eventually_value(lambda: conn.fetchval(query, name), timeout=10)
+        woken.clear()
+        assert await conn.fetchval("SELECT pg_terminate_backend($1)", first)
+        # back within the first reconnect pause (0.5 s), well before a ping would notice
+        second = await eventually_value(
+            lambda: conn.fetchval(query + " AND pid <> $2", name, first), timeout=2.5
+        )
+        assert second != first
+        await asyncio.wait_for(woken.wait(), 2.5)  # it wakes the loop: NOTIFYs were missed
+    finally:
+        await conn.close()
+        await store.stop()
+
+
+async def eventually_value(get: Callable[[], Awaitable[T | None]], timeout: float) -> T:
+    """The first value `get` returns that is not None, polled every 50 ms."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (value := await get()) is None:
+        assert asyncio.get_running_loop().time() < deadline, f"nothing within {timeout} s"
+        await asyncio.sleep(0.05)
+    return value

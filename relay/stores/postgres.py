@@ -480,7 +480,9 @@ class PostgresStore:
             self._listener = asyncio.create_task(self._listen_forever(), name="outbox-listen")
 
     async def _listen_forever(self) -> None:
-        """A dedicated LISTEN connection, pinged and reconnected with backoff when it drops."""
+        """A dedicated LISTEN connection, reconnected with backoff when it drops: at once when
+        the server closes it (a terminated backend, a restart), else when a ping every 5 s
+        fails (a silent network). Until then the relay's polling covers what it missed."""
         pause = 0.5
         while True:
             conn: asyncpg.Connection | None = None
@@ -488,12 +490,17 @@ class PostgresStore:
                 # Named like the pool's connections, so pg_stat_activity tells it apart.
                 name = f"outbox-relay listen {self._relay_id}"[:63]
                 conn = await asyncpg.connect(self._dsn, server_settings={"application_name": name})
+                closed = asyncio.Event()
+                conn.add_termination_listener(lambda _, event=closed: event.set())
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 pause = 0.5
                 if self._wake is not None:
                     self._wake()  # notifications may have been missed while disconnected
                 while True:
-                    await asyncio.sleep(5.0)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(closed.wait(), 5.0)
+                    if closed.is_set():
+                        raise asyncpg.ConnectionDoesNotExistError("the server closed it")
                     await asyncio.wait_for(conn.execute("SELECT 1"), 5.0)
             except CONNECTION_ERRORS as exc:
                 log.warning("listener_reconnecting", error=str(exc), retry_in=pause)
