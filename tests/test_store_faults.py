@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -20,14 +18,13 @@ from tests.fakes import RecordingPublisher
 from tests.helpers import (
     assert_per_key_order,
     commit_events,
+    eventually,
     first_seen_order,
     keyed_events,
     pg_relay,
 )
 
 pytestmark = pytest.mark.postgres
-
-T = TypeVar("T")
 
 RELAY_BACKENDS = (
     "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name LIKE 'outbox-relay%'"
@@ -134,27 +131,27 @@ async def test_a_terminated_listen_connection_is_replaced_at_once(database_url: 
     woken = asyncio.Event()
     store.on_new_events(woken.set)
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    name = "outbox-relay listen listen-1"
-    query = "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
-    try:
-        first = await eventually_value(lambda: conn.fetchval(query, name), timeout=10)
-        woken.clear()
-        assert await conn.fetchval("SELECT pg_terminate_backend($1)", first)
-        # back within the first reconnect pause (0.5 s), well before a ping would notice
-        second = await eventually_value(
-            lambda: conn.fetchval(query + " AND pid <> $2", name, first), timeout=2.5
+    listeners: list[int] = []
+
+    async def listening() -> bool:
+        pid = await conn.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            "outbox-relay listen listen-1",
         )
-        assert second != first
+        if pid is not None and pid not in listeners:
+            listeners.append(pid)
+        return pid is not None
+
+    async def replaced() -> bool:
+        return await listening() and len(listeners) > 1
+
+    try:
+        await eventually(listening, timeout=10)
+        woken.clear()
+        assert await conn.fetchval("SELECT pg_terminate_backend($1)", listeners[0])
+        # back within the first reconnect pause (0.5 s), well before a ping would notice
+        await eventually(replaced, timeout=2.5)
         await asyncio.wait_for(woken.wait(), 2.5)  # it wakes the loop: NOTIFYs were missed
     finally:
         await conn.close()
         await store.stop()
-
-
-async def eventually_value(get: Callable[[], Awaitable[T | None]], timeout: float) -> T:
-    """The first value `get` returns that is not None, polled every 50 ms."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while (value := await get()) is None:
-        assert asyncio.get_running_loop().time() < deadline, f"nothing within {timeout} s"
-        await asyncio.sleep(0.05)
-    return value
