@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -286,13 +287,17 @@ async def test_claim_leaves_out_the_events_in_flight_through_a_hash(database_url
     assert "<> ALL" not in plan, plan
 
 
-def outbox_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def outbox_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`outbox-relay ARGS`; in `cwd` when a relative SQLite path may be opened."""
     return subprocess.run(
         [sys.executable, "-m", "outbox.relay.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
         env=env,
+        cwd=cwd,
         check=False,
     )
 

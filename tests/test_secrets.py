@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -26,9 +27,9 @@ MALFORMED = [
 ]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-    return outbox_cli(*args, env=environ | {"OUTBOX_LOG_FORMAT": "json"})
+    return outbox_cli(*args, env=environ | {"OUTBOX_LOG_FORMAT": "json"}, cwd=cwd)
 
 
 @pytest.mark.parametrize("url", MALFORMED)
@@ -38,9 +39,9 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     ids=["run", "migrate", "dlq", "status"],
 )
 def test_a_malformed_database_url_never_shows_its_password(
-    url: str, command: tuple[str, ...]
+    url: str, command: tuple[str, ...], tmp_path: Path
 ) -> None:
-    done = cli(*command, "--database-url", url)
+    done = cli(*command, "--database-url", url, cwd=tmp_path)  # `/x.db` may open ./x.db
     assert done.returncode != 0
     output = done.stdout + done.stderr
     assert [piece for piece in PIECES if piece in output] == [], output
