@@ -616,12 +616,21 @@ class SlowDeletes(TrackedSqliteStore):
 
 
 class SignalsSecondPublish(RecordingPublisher):
-    def __init__(self) -> None:
+    """Commits the second event while it publishes the first: it is there for the relay's
+    next claim, whenever that runs. (Committed after the first publish, a claim in between
+    found nothing and waited for the held delete, as an empty claim does: a race the test
+    lost once in CI.)"""
+
+    def __init__(self, db: OutboxDb) -> None:
         super().__init__()
+        self.db = db
+        self.added: list[OutboxEvent] = []
         self.second = asyncio.Event()
 
     async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
         results = await super().publish(batch)
+        if not self.added:
+            self.added.append(await self.db.add(key="a"))
         if len(self.published) >= 2:
             self.second.set()
         return results
@@ -634,13 +643,13 @@ async def test_new_events_are_published_while_the_last_batch_is_still_being_dele
     The claim leaves out the seqs being deleted, so nothing goes out twice."""
     first = await db.add(key="a")
     store = SlowDeletes(db)
-    recorder = SignalsSecondPublish()
+    recorder = SignalsSecondPublish(db)
     relay = make_relay(store, recorder, poll_interval=60.0)
     task = asyncio.create_task(relay.run())
     await asyncio.wait_for(store.deleting.wait(), 5)
-    second = await db.add(key="a")
-    relay.wake()
+    relay.wake()  # the second event's NOTIFY
     await asyncio.wait_for(recorder.second.wait(), 5)  # the first delete is still held
+    (second,) = recorder.added
     assert [e.seq for e in recorder.published] == [first.seq, second.seq]
     assert store.excluded[-1] == [first.seq]
     store.release.set()
