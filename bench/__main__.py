@@ -20,7 +20,7 @@ from bench import fleet, notify_cost, report, topics, workloads
 from bench.brokers import BROKERS, Broker, BrokerOps
 from bench.config import WORKLOADS, BenchConfig, full, quick, with_overrides
 from bench.infra import REPO, Databases, Services, machine_facts, other_activity
-from outbox.relay.cli import collect_less
+from outbox.relay.cli import collect_less, loop_factory
 from outbox.relay.logs import configure_logging
 
 RESULTS = REPO / "bench" / "results"
@@ -77,11 +77,19 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         help="comma-separated subset of: kafka,redis",
     )
     parser.add_argument("--out", type=Path, help="output directory")
+    parser.add_argument(
+        "--event-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="this process's event loop (auto: as `outbox-relay run` picks it)",
+    )
     args = parser.parse_args(argv)
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     config = quick(out) if args.quick else full(out)
     brokers: tuple[Broker, ...] | None = args.brokers
-    return with_overrides(config, workloads=args.only, brokers=brokers, sizes=args.sizes)
+    return with_overrides(
+        config, workloads=args.only, brokers=brokers, sizes=args.sizes, event_loop=args.event_loop
+    )
 
 
 def _not_run(config: BenchConfig) -> dict[str, str]:
@@ -106,6 +114,7 @@ async def run(config: BenchConfig) -> dict[str, object]:
         "machine": await machine_facts(services),
         "other_activity": await other_activity(services.database_url, f"bench_{run_id}"),
         "load_average": os.getloadavg(),
+        "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
     }
     ctx.log(f"run {run_id}: {', '.join(config.workloads)} -> {config.out}")
     try:
@@ -124,10 +133,12 @@ async def run(config: BenchConfig) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     configure_logging("json", "warning")
-    # The drains run in this process: with the collector of `outbox-relay run`, for every
-    # system measured here alike (docs/benchmarks.md, "Garbage collection").
+    # The drains run in this process: with the collector and the event loop of `outbox-relay
+    # run`, for every system measured here alike (docs/benchmarks.md, "Garbage collection",
+    # "uvloop").
     collect_less()
-    results = asyncio.run(run(config))
+    with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
+        results = runner.run(run(config))
     report.write(results, config.out)
     print((config.out / "latest.md").read_text())
     print(f"wrote {config.out}/latest.md, latest.json, latest.png in {results['wall_seconds']} s")

@@ -31,6 +31,8 @@ class BenchConfig:
     workloads: tuple[str, ...] = WORKLOADS
     brokers: tuple[Broker, ...] = BROKERS
     keys: int = 1000
+    #: The harness process's event loop (`--event-loop`; auto: as `outbox-relay run` picks).
+    event_loop: str = "auto"
     drain_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
     naive_sizes: tuple[int, ...] = (10_000, 100_000)
     #: Drains up to 100k events run this many times; the median is reported.
@@ -154,7 +156,9 @@ def with_overrides(
     workloads: tuple[str, ...] | None,
     brokers: tuple[Broker, ...] | None,
     sizes: tuple[int, ...] | None,
+    event_loop: str = "auto",
 ) -> BenchConfig:
+    config = replace(config, event_loop=event_loop)
     if workloads is not None:
         config = replace(config, workloads=workloads)
     if brokers is not None:

@@ -79,11 +79,27 @@ def load_settings(**given: Any) -> RelaySettings:
         fail(describe(exc))
 
 
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The `event_loop` setting's loop maker (None: asyncio's own). uvloop runs the relay's
+    Python faster: TLS to Postgres, sockets and callbacks are in C (docs/benchmarks.md,
+    "uvloop")."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "auto":
+            return None
+        fail("event_loop: uvloop is not installed (pip install uvloop), or use asyncio", 2)
+    return uvloop.new_event_loop
+
+
+def run_async(coro: Coroutine[Any, Any, T], event_loop: str = "asyncio") -> T:
     from outbox.relay.seams import ConfigurationError
 
     try:
-        return asyncio.run(coro)
+        with asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:
+            return runner.run(coro)
     except KeyboardInterrupt:
         fail("interrupted", 130)
     except ConfigurationError as exc:
@@ -197,6 +213,7 @@ def main() -> None:
 @setting_option("relay_id")
 @setting_option("log_format", type=click.Choice(["auto", "json", "console"]))
 @setting_option("log_level", type=click.Choice(["debug", "info", "warning", "error"]))
+@setting_option("event_loop", type=click.Choice(["auto", "uvloop", "asyncio"]))
 @setting_option("metrics_port", type=int)
 @setting_option("metrics_host")
 @setting_option("history", type=click.Choice(["off", "on"]))
@@ -232,7 +249,7 @@ def run(**given: Any) -> None:
             if stop_metrics is not None:
                 stop_metrics()
 
-    run_async(_main())
+    run_async(_main(), settings.event_loop)
 
 
 #: The cyclic garbage collector's thresholds in an `outbox-relay run` process (Python's are

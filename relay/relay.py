@@ -150,6 +150,7 @@ class Relay:
             publisher=self.publisher.name,
             batch_size=self.batch_size,
             owned_buckets=self.stats.owned_buckets,
+            event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
         )
         work = asyncio.create_task(self._loop(), name="outbox-relay-loop")
         leases = asyncio.create_task(self._renew_leases(), name="outbox-relay-leases")

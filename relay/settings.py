@@ -141,6 +141,11 @@ class RelaySettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="lowest log level written"
     )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto",
+        description="outbox-relay run's event loop. auto: uvloop where it is installed (the "
+        "relay extra brings it on Linux and macOS), else asyncio's",
+    )
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="serve Prometheus /metrics on this port (off if unset)"
     )

@@ -6,10 +6,12 @@ import asyncio
 import gc
 import os
 import subprocess
+import sys
 
 import asyncpg
 import pytest
 
+from outbox.relay.cli import loop_factory
 from tests.test_schema import outbox_cli
 
 pytestmark = pytest.mark.unit
@@ -55,6 +57,27 @@ def test_an_unknown_outbox_variable_is_named_with_its_close_match() -> None:
         "outbox-relay: warning: OUTBOX_BATCH_SZIE is not a setting "
         "(did you mean OUTBOX_BATCH_SIZE?)"
     ]
+
+
+def test_run_picks_uvloop_unless_told_otherwise() -> None:
+    import uvloop
+
+    assert loop_factory("auto") is uvloop.new_event_loop
+    assert loop_factory("uvloop") is uvloop.new_event_loop
+    assert loop_factory("asyncio") is None
+
+
+def test_without_uvloop_auto_is_asyncio_and_uvloop_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` raises ImportError
+    assert loop_factory("auto") is None
+    with pytest.raises(SystemExit) as exited:
+        loop_factory("uvloop")
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("outbox-relay: error: event_loop: uvloop is not installed")
 
 
 @pytest.mark.postgres

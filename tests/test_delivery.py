@@ -370,9 +370,10 @@ async def test_sigterm_exits_zero_and_releases_everything(
     proc.send_signal(signal.SIGTERM)
     _, stderr = await asyncio.to_thread(proc.communicate, timeout=30)
     assert proc.returncode == 0, stderr.decode()[-2000:]
-    logged = [json.loads(line)["event"] for line in stderr.decode().splitlines()]
-    assert "relay_started" in logged
-    assert logged[-1] == "relay_stopped"
+    records = [json.loads(line) for line in stderr.decode().splitlines()]
+    started = next(r for r in records if r["event"] == "relay_started")
+    assert started["event_loop"] == "uvloop"  # the default where uvloop is installed
+    assert records[-1]["event"] == "relay_stopped"
     assert (
         await pg.fetchval("SELECT count(*) FROM outbox_bucket_leases WHERE owner IS NOT NULL") == 0
     )

@@ -350,6 +350,8 @@ async def test_run_cli_publishes_and_stops_on_sigterm(tmp_path: Path) -> None:
         "0.05",
         "--log-format",
         "json",
+        "--event-loop",
+        "asyncio",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=environ,
@@ -367,9 +369,10 @@ async def test_run_cli_publishes_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert relay.returncode == 0, stderr.decode()
     for key in ("order-1", "order-2"):
         assert [e["payload"]["n"] for e in published if e["key"] == key] == [0, 1, 2]
-    events = [json.loads(line)["event"] for line in stderr.decode().splitlines()]
-    assert events[0] == "relay_started"
-    assert events[-1] == "relay_stopped"
+    records = [json.loads(line) for line in stderr.decode().splitlines()]
+    assert records[0]["event"] == "relay_started"
+    assert records[0]["event_loop"] == "asyncio"  # as asked
+    assert records[-1]["event"] == "relay_stopped"
     with closing(sqlite3.connect(tmp_path / "app.db")) as conn:
         assert conn.execute("SELECT count(*) FROM outbox_events").fetchone() == (0,)
 
