@@ -47,7 +47,6 @@ from aiokafka.conn import create_conn
 from aiokafka.partitioner import murmur2
 from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
-from aiokafka.structs import PartitionMetadata, TopicPartition
 
 from outbox.envelope import Encoder, Envelope, kafka_timestamp
 from outbox.relay.logs import relay_logger
@@ -674,7 +673,7 @@ class KafkaPublisher:
             answer = await self._topic_metadata(producer, sorted(unknown))
             found: list[str] = []
             for topic in sorted(unknown):
-                error, partitions = answer.get(topic, (ke.UnknownTopicOrPartitionError, []))
+                error, partitions = answer.get(topic, (ke.UnknownTopicOrPartitionError, 0))
                 since = self._missing_since.setdefault(topic, now)
                 if error is ke.NoError and partitions:
                     found.append(topic)
@@ -689,11 +688,10 @@ class KafkaPublisher:
                     self._missing_checked[topic] = (now, failure)
                 unknown.discard(topic)
                 log.warning("kafka_topic_refused", topic=topic, error=failure.message)
-            if found and not adopt_topics(producer.client, {t: answer[t][1] for t in found}):
+            if found:
                 for topic in found:
                     producer.client.add_topic(topic)
                 await self._refresh_metadata(producer)
-            if found:
                 for topic in found:
                     if cluster.partitions_for_topic(topic) is not None:
                         unknown.discard(topic)
@@ -745,8 +743,8 @@ class KafkaPublisher:
 
     async def _topic_metadata(
         self, producer: Any, topics: list[str]
-    ) -> dict[str, tuple[type[ke.BrokerResponseError], list[Any]]]:
-        """Topic -> (error class, its partitions' entries), from one metadata request."""
+    ) -> dict[str, tuple[type[ke.BrokerResponseError], int]]:
+        """Topic -> (error class, partition count), from one metadata request."""
         client = producer.client
         node = client.get_random_node()
         try:
@@ -758,11 +756,11 @@ class KafkaPublisher:
             raise BrokerUnavailableError(
                 f"kafka {self.bootstrap_servers}: metadata request failed: {exc!r}"
             ) from exc
-        out: dict[str, tuple[type[ke.BrokerResponseError], list[Any]]] = {}
+        out: dict[str, tuple[type[ke.BrokerResponseError], int]] = {}
         for entry in response.topics:
             # (error_code, name, [is_internal,] partitions, [...]) depending on the version
             partitions = next((f for f in entry[2:] if isinstance(f, list)), [])
-            out[entry[1]] = (ke.for_code(entry[0]), partitions)
+            out[entry[1]] = (ke.for_code(entry[0]), len(partitions))
         return out
 
     async def _refresh_metadata(self, producer: Any) -> None:
@@ -800,32 +798,6 @@ class KafkaPublisher:
                 await writer.wait_closed()
             return True
         return False
-
-
-def adopt_topics(client: Any, partitions: dict[str, list[Any]]) -> bool:
-    """Put topics looked up by the publisher's own metadata request into the producer's
-    metadata, and track them, as `add_topic` and a refresh would, without the refresh.
-    aiokafka replaces all of its metadata with each answer, so its refresh asks again for
-    every topic it knows: per batch of new topics, 30-40 ms and ~30 us of Python per known
-    topic over 1,000 topics (docs/benchmarks.md, "Many topics"). False (nothing changed)
-    when a leader is a broker the producer does not know: then a refresh it is.
-
-    `partitions`: each topic's (error, partition, leader, replicas, isr, ...) entries, as in
-    aiokafka's own `ClusterMetadata.update_metadata` (metadata responses v1-v5)."""
-    cluster = client.cluster
-    brokers = {broker.nodeId for broker in cluster.brokers()}
-    if any(p[2] != -1 and p[2] not in brokers for parts in partitions.values() for p in parts):
-        return False
-    with cluster._lock:
-        for topic, parts in partitions.items():
-            cluster._partitions[topic] = {
-                p[1]: PartitionMetadata(topic, p[1], p[2], p[3], p[4], p[0]) for p in parts
-            }
-            for p in parts:
-                if p[2] != -1:
-                    cluster._broker_partitions[p[2]].add(TopicPartition(topic, p[1]))
-    client._topics.update(partitions)
-    return True
 
 
 class _Batch:
