@@ -335,13 +335,16 @@ start_postgres() {
   pg_wait_ready "$t0"
 }
 
+# $1: pg_ctl's shutdown mode. fast: a clean shutdown (what `stop` does); immediate: a crash
+# (no shutdown checkpoint, WAL not yet flushed is lost, recovery at the next start).
 stop_postgres() {
+  local mode="${1:-fast}"
   if ! pg_running; then
     log "postgres: not running"
     return 0
   fi
-  log "postgres: stopping"
-  as_pg "$(pg_bin_dir)/pg_ctl" stop -D "$PG_DATA" -m fast -w -t 120 >/dev/null ||
+  log "postgres: stopping ($mode)"
+  as_pg "$(pg_bin_dir)/pg_ctl" stop -D "$PG_DATA" -m "$mode" -w -t 120 >/dev/null ||
     die "pg_ctl stop failed"
   log "postgres: stopped"
 }
@@ -672,6 +675,7 @@ status_kafka() {
 usage() {
   cat >&2 <<EOF
 usage: $0 up|down|status|env|start NAME|stop NAME     (NAME: postgres|redis|kafka)
+       $0 crash postgres      (pg_ctl stop -m immediate: a crash, for the chaos tests)
        $0 kafka-console-consumer TOPIC [ARGS...]
 EOF
   exit 2
@@ -726,6 +730,11 @@ main() {
       check_name "${2:-}"
       take_lock
       "stop_$2"
+      ;;
+    crash)
+      [[ "${2:-}" == postgres ]] || usage
+      take_lock
+      stop_postgres immediate
       ;;
     status)
       status_postgres

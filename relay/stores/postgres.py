@@ -71,6 +71,15 @@ PLANNER_SETTINGS = {
 }
 
 
+#: The relay's own commits (deletes, moves to the history and to dead letters, retries,
+#: leases) do not wait for the WAL flush. A Postgres crash can undo the last of them (at most
+#: 3 x wal_writer_delay, 0.6 s by default): those events are back in the outbox and go out
+#: again, as after a relay killed between the broker's ack and its delete (at least once).
+#: None is lost: the events are written by the applications' transactions, with their own
+#: settings. Every relay statement checks its lease in SQL, so an undone lease is harmless.
+COMMIT_SETTINGS = {"synchronous_commit": "off"}
+
+
 async def _binary_jsonb(conn: asyncpg.Connection) -> None:
     """jsonb columns arrive as the raw UTF-8 JSON bytes the brokers take: no decode, no copy."""
     await conn.set_type_codec(
@@ -190,6 +199,7 @@ class PostgresStore:
                 server_settings={
                     "application_name": f"outbox-relay {relay_id}"[:63],
                     **PLANNER_SETTINGS,
+                    **COMMIT_SETTINGS,
                 },
             )
         except CONNECTION_ERRORS as exc:
