@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from outbox.relay.retry import CircuitBreaker
+from outbox.relay.sql import QUERIES
 from outbox.relay.stores.postgres import PostgresStore
 from outbox.urls import asyncpg_dsn
 from tests.fakes import RecordingPublisher
@@ -152,6 +153,35 @@ async def test_a_terminated_listen_connection_is_replaced_at_once(database_url: 
         # back within the first reconnect pause (0.5 s), well before a ping would notice
         await eventually(replaced, timeout=2.5)
         await asyncio.wait_for(woken.wait(), 2.5)  # it wakes the loop: NOTIFYs were missed
+    finally:
+        await conn.close()
+        await store.stop()
+
+
+async def test_the_pool_opens_every_connection_at_start_with_the_claim_prepared(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first busy moment (a claim, the last batch's delete and the prefetch at once) used
+    to open connections and prepare the claim on each: 8 ms of connecting and 7-8 ms of a
+    first claim, most of a latency run's slowest 1 %. Now all of it happens at start."""
+    prepared: list[str] = []
+    real_prepare = asyncpg.Connection.prepare
+
+    async def recording_prepare(self: asyncpg.Connection, query: str, **kw: object) -> object:
+        prepared.append(query)
+        return await real_prepare(self, query, **kw)
+
+    monkeypatch.setattr(asyncpg.Connection, "prepare", recording_prepare)
+    store = PostgresStore(database_url, lease_seconds=30, pool_size=3)
+    await store.start("warm-1")
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        backends = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'outbox-relay warm-1'"
+        )
+        assert backends == 3  # not 1, with the rest opened when first needed
+        assert prepared.count(QUERIES["claim_batch"]) == 3
+        assert prepared.count(QUERIES["delete_delivered"]) == 3
     finally:
         await conn.close()
         await store.stop()
