@@ -211,7 +211,11 @@ async def _profile(ctx: Context, broker: Broker) -> Result:
     async with ctx.dbs.fresh() as url:
         topic = ctx.topic(f"profile-{broker}")
         await ctx.ops.prepare(broker, topic)
-        relay = await start_relay(ctx, url, broker, f"prof-{uuid.uuid4().hex[:6]}")
+        # On asyncio's loop: py-spy sees Python frames only, and uvloop's run, callbacks and
+        # idle waits are C (all of it showed as one "event loop" frame, idle not told apart).
+        relay = await start_relay(
+            ctx, url, broker, f"prof-{uuid.uuid4().hex[:6]}", "--event-loop", "asyncio"
+        )
         spy = await asyncio.create_subprocess_exec(
             *[str(py_spy), "record", "--pid", str(relay.pid), "--idle", "--nonblocking"],
             *["--rate", "250", "--format", "raw", "--output", str(raw)],

@@ -673,6 +673,8 @@ def markdown(results: Result) -> str:
             f"{p['events']:,} events in {p['seconds']} s ({_fmt(p['events_per_s'], 0)} ev/s). "
             f"CPU over the drain: relay {p['relay_cpu_seconds']} s "
             f"({p['relay_cpu_util_pct']} % of one core); {servers}. "
+            "The relay runs on asyncio's loop here (`--event-loop asyncio`; py-spy cannot "
+            "see into uvloop's C). "
             f"py-spy samples the relay at 250 Hz; shares below are of its busy samples "
             f"(idle in the event loop: {p['idle_pct_of_window']} % of the recording window, "
             "which also spans the second before and after the drain).",
