@@ -22,6 +22,7 @@ from bench.config import WORKLOADS, BenchConfig, full, quick, with_overrides
 from bench.infra import REPO, Databases, Services, machine_facts, other_activity
 from outbox.relay.cli import collect_less, loop_factory
 from outbox.relay.logs import configure_logging
+from outbox.relay.relay import event_loop_name
 
 RESULTS = REPO / "bench" / "results"
 Runner = Callable[[workloads.Context], Awaitable[list[workloads.Result]]]
@@ -114,7 +115,7 @@ async def run(config: BenchConfig) -> dict[str, object]:
         "machine": await machine_facts(services),
         "other_activity": await other_activity(services.database_url, f"bench_{run_id}"),
         "load_average": os.getloadavg(),
-        "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
+        "event_loop": event_loop_name(),
     }
     ctx.log(f"run {run_id}: {', '.join(config.workloads)} -> {config.out}")
     try:

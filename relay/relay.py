@@ -35,6 +35,11 @@ from outbox.relay.seams import (
 log = relay_logger("relay")
 
 
+def event_loop_name() -> str:
+    """The running loop's package: "uvloop" or "asyncio"."""
+    return type(asyncio.get_running_loop()).__module__.partition(".")[0]
+
+
 @dataclass(slots=True)
 class RelayStats:
     """Counters since start. Tests and health checks wait on them (`Relay.wait_for`)."""
@@ -150,7 +155,7 @@ class Relay:
             publisher=self.publisher.name,
             batch_size=self.batch_size,
             owned_buckets=self.stats.owned_buckets,
-            event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
+            event_loop=event_loop_name(),
         )
         work = asyncio.create_task(self._loop(), name="outbox-relay-loop")
         leases = asyncio.create_task(self._renew_leases(), name="outbox-relay-leases")
