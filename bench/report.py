@@ -513,6 +513,14 @@ def markdown(results: Result) -> str:
     latency = results.get("latency", [])
     if latency:
         lines += ["## Latency under steady load: commit returned -> consumer received", ""]
+        config = results.get("config", {})
+        if "latency_lead_in" in config:
+            lines += [
+                f"Each run measures {config['latency_seconds']} s of commits, after"
+                f" {config['latency_lead_in']} s of the same load left out (a cold start:"
+                " a new topic, each process's first runs).",
+                "",
+            ]
         lines += _table(
             [
                 "system",

@@ -617,9 +617,10 @@ def spawn_writers(
     concurrency: int | None = None,
     business: str = "order",
     warmup: float = 0.0,
+    lead_in: float = 0.0,
 ) -> list[tuple[Proc, Path]]:
     """Writer processes (one per `writer_process_rate` tx/s, at most `max_writer_processes`),
-    each waiting for `go()`."""
+    each waiting for `go()`, on the harness's event loop."""
     per_process = (
         ctx.config.sql_writer_process_rate if "-sql" in modes else ctx.config.writer_process_rate
     )
@@ -635,7 +636,8 @@ def spawn_writers(
             *("--database-url", url, "--mode", modes, "--rate", str(per_proc)),
             *("--duration", str(seconds), "--concurrency", str(width), "--topic", topic),
             *("--keys", str(ctx.config.keys), "--offset", str(i * 10_000_000)),
-            *("--business", business, "--warmup", str(warmup)),
+            *("--business", business, "--warmup", str(warmup), "--lead-in", str(lead_in)),
+            *("--event-loop", ctx.config.event_loop),
             *("--out", str(out), "--go"),
         )
         running.append((Proc(argv, out.with_suffix(".log"), stdin=True), out))
@@ -881,7 +883,13 @@ async def _latency(
         if quiet:
             writer_mode += "-nonotify"
         writers = spawn_writers(
-            ctx, url, writer_mode, target_rate=target, seconds=cfg.latency_seconds, topic=topic
+            ctx,
+            url,
+            writer_mode,
+            target_rate=target,
+            seconds=cfg.latency_seconds,
+            topic=topic,
+            lead_in=cfg.latency_lead_in,
         )
         try:
             await asyncio.wait_for(receiver.ready.wait(), 30)
@@ -890,7 +898,9 @@ async def _latency(
                 relay = await start_relay(ctx, url, broker, f"lat-{uuid.uuid4().hex[:6]}", *polling)
             else:
                 relay = await start_faststream(ctx, url, broker, topic)
-            outputs = await collect_writers(writers, cfg.latency_seconds + 60)
+            outputs = await collect_writers(
+                writers, cfg.latency_lead_in + cfg.latency_seconds + 60
+            )
             commits: dict[str, list[float]] = {}
             for o in outputs:
                 commits.update(o["commits"])

@@ -41,6 +41,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from bench.infra import PRODUCTS
 from bench.seed import key_of, new_bench_id, payload_dict
 from outbox import OutboxEvent, enqueue, uuid7
+from outbox.relay.cli import loop_factory
+from outbox.relay.stores.postgres import keep_session
 from outbox.urls import asyncpg_dsn, sqlalchemy_async_url
 
 MODES = (
@@ -198,6 +200,7 @@ async def write(args: argparse.Namespace) -> list[dict[str, Any]]:
             asyncpg_dsn(args.database_url),
             min_size=args.concurrency,
             max_size=args.concurrency,
+            reset=keep_session,  # as SQLAlchemy's pool: a rollback if needed, no reset query
             **({} if notify else QUIET),
         )
         for sql, notify in needs
@@ -232,7 +235,10 @@ async def write(args: argparse.Namespace) -> list[dict[str, Any]]:
         await run_mode(args, mode, transaction_for(mode), args.warmup)  # results dropped
     if args.go:
         await asyncio.to_thread(sys.stdin.readline)  # the harness says when to start
-    runs = [await run_mode(args, mode, transaction_for(mode), args.duration) for mode in modes]
+    runs = [
+        await run_mode(args, mode, transaction_for(mode), args.duration, lead_in=args.lead_in)
+        for mode in modes
+    ]
     for pool in pools.values():
         await pool.close()
     for engine in engines.values():
@@ -278,14 +284,22 @@ def sql_transaction(pool: asyncpg.Pool, extra: SqlExtra) -> Transaction:
 
 
 async def run_mode(
-    args: argparse.Namespace, mode: str, transaction: Transaction, duration: float
+    args: argparse.Namespace,
+    mode: str,
+    transaction: Transaction,
+    duration: float,
+    *,
+    lead_in: float = 0.0,
 ) -> dict[str, Any]:
+    """`duration` seconds of transactions, after `lead_in` seconds of the same load whose
+    transactions are left out of the results (the system under test warms up under it)."""
     tally = Tally()
     counter = itertools.count(args.offset)
-    total = int(args.rate * duration)
-    cpu = time.process_time()
-    started = time.monotonic()
-    deadline = started + duration
+    total = int(args.rate * (lead_in + duration))
+    begun_at = time.monotonic()
+    started, deadline = begun_at + lead_in, begun_at + lead_in + duration
+    cpu = [time.process_time()]  # at `started`
+    asyncio.get_running_loop().call_at(started, lambda: cpu.__setitem__(0, time.process_time()))
 
     async def one(n: int) -> None:
         bench_id = new_bench_id()
@@ -294,10 +308,11 @@ async def run_mode(
         try:
             sent, done = await transaction(n, event)
         except Exception:  # noqa: BLE001 - a failed transaction is counted, not fatal
-            tally.errors += 1
+            tally.errors += begun >= started
             return
-        tally.commits[bench_id] = (sent, done)
-        tally.durations.append(done - begun)
+        if begun >= started:
+            tally.commits[bench_id] = (sent, done)
+            tally.durations.append(done - begun)
 
     async def worker() -> None:
         while True:
@@ -306,7 +321,7 @@ async def run_mode(
                 i = n - args.offset
                 if i >= total or time.monotonic() >= deadline:  # behind schedule: stop on time
                     return
-                delay = started + i / args.rate - time.monotonic()
+                delay = begun_at + i / args.rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
             elif time.monotonic() >= deadline:
@@ -319,7 +334,7 @@ async def run_mode(
         "mode": mode,
         "started": started,
         "ended": ended,
-        "cpu_seconds": time.process_time() - cpu,
+        "cpu_seconds": time.process_time() - cpu[0],
         "count": len(tally.durations),
         "errors": tally.errors,
         "commits": tally.commits,
@@ -340,6 +355,15 @@ def main() -> None:
     parser.add_argument(
         "--warmup", type=float, default=0.0, help="seconds of each mode, unmeasured, first"
     )
+    parser.add_argument(
+        "--lead-in",
+        type=float,
+        default=0.0,
+        help="seconds of the same load, after --go and unmeasured, before each mode's run",
+    )
+    parser.add_argument(
+        "--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="as the relay's"
+    )
     parser.add_argument("--topic", default="bench")
     parser.add_argument("--keys", type=int, default=1000)
     parser.add_argument("--offset", type=int, default=0, help="first event number")
@@ -350,7 +374,8 @@ def main() -> None:
         parser.error(f"--mode: choose from {', '.join(MODES)}")
     if args.business != "order" and any("-sql" in m for m in args.mode.split(",")):
         parser.error("--business: the -sql modes write the order row only")
-    result = asyncio.run(write(args))
+    with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
+        result = runner.run(write(args))
     args.out.write_text(json.dumps(result))
 
 

@@ -185,3 +185,35 @@ async def test_the_pool_opens_every_connection_at_start_with_the_claim_prepared(
     finally:
         await conn.close()
         await store.stop()
+
+
+async def test_a_store_call_is_one_statement_with_no_pool_reset_after_it(
+    database_url: str,
+) -> None:
+    """asyncpg's pool ran its reset query (`SELECT pg_advisory_unlock_all(); CLOSE ALL;
+    UNLISTEN *; RESET ALL`) on every release: a second round trip after each claim and each
+    delete, 3.3 statements per event at 100 events/s. The relay's connections keep no cursors,
+    LISTENs, settings or session locks, so a release sends nothing."""
+    await commit_events(database_url, keyed_events("reset", keys=3, per_key=2))
+    store = PostgresStore(database_url, lease_seconds=30, pool_size=2)
+    await store.start("lean-1")
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await store.maintain_leases(rebalance=True)
+        claim = await store.claim(10)
+        assert len(claim.events) == 6
+        assert await store.mark_delivered([e.seq for e in claim.events]) == 6
+        last = await conn.fetch(
+            "SELECT query FROM pg_stat_activity WHERE application_name = 'outbox-relay lean-1'"
+        )
+        assert len(last) == 2
+        assert not [r["query"] for r in last if "pg_advisory_unlock_all" in r["query"]]
+        # A transaction a caller left open is still rolled back on release (asyncpg does that).
+        async with store.pool.acquire() as held:
+            await held.execute("BEGIN")
+            await held.execute("SET LOCAL statement_timeout = 1")
+        assert await store.pool.fetchval("SELECT current_setting('statement_timeout')") != "1ms"
+        assert (await store.claim(10)).events == []
+    finally:
+        await conn.close()
+        await store.stop()

@@ -137,6 +137,14 @@ def _count(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release: nothing beyond what asyncpg always does (an open
+    transaction is rolled back). Its default, `SELECT pg_advisory_unlock_all(); CLOSE ALL;
+    UNLISTEN *; RESET ALL`, was a second round trip after every claim and delete; the relay's
+    pool connections hold no cursors, LISTENs, session settings or session locks to undo
+    (LISTEN and the prune lock have connections of their own)."""
+
+
 class PostgresStore:
     def __init__(
         self,
@@ -199,6 +207,7 @@ class PostgresStore:
                 max_size=self._pool_size,
                 max_inactive_connection_lifetime=0,
                 init=self._init_connection,
+                reset=keep_session,
                 server_settings={
                     "application_name": f"outbox-relay {relay_id}"[:63],
                     **PLANNER_SETTINGS,
