@@ -898,9 +898,7 @@ async def _latency(
                 relay = await start_relay(ctx, url, broker, f"lat-{uuid.uuid4().hex[:6]}", *polling)
             else:
                 relay = await start_faststream(ctx, url, broker, topic)
-            outputs = await collect_writers(
-                writers, cfg.latency_lead_in + cfg.latency_seconds + 60
-            )
+            outputs = await collect_writers(writers, cfg.latency_lead_in + cfg.latency_seconds + 60)
             commits: dict[str, list[float]] = {}
             for o in outputs:
                 commits.update(o["commits"])
