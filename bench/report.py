@@ -106,7 +106,14 @@ def evaluate_targets(results: Result) -> list[Result]:
             f"{most['order_violations']} order violations; 1 relay: "
             + (f"{one['events_per_s']:,.0f} ev/s" if one else "-")
         )
-        out.append(_target("N relays keep per-key order, drain >= 1 relay", measured, ok))
+        out.append(
+            _target(
+                "N relays keep per-key order, drain >= 1 relay",
+                measured,
+                ok,
+                _scale_note(scale, results.get("machine", {}).get("cpu_count")),
+            )
+        )
     else:
         out.append(_target("N relays keep per-key order, drain >= 1 relay", "-", None))
     for broker in ("kafka", "redis"):
@@ -392,6 +399,33 @@ OVERHEAD_TITLES = {
 }
 
 
+def drain_cpu(r: Result, cores: int | None) -> tuple[float, float | None, float | None]:
+    """A drain's CPU over its own window, from process accounting: relay and servers in
+    CPU-seconds, that as a share of the machine (%), and the rate the machine's cores would
+    allow at that cost per event (the CPU ceiling)."""
+    used = r["relay_cpu_seconds"] + sum(r.get("server_cpu_seconds", {}).values())
+    if not cores or not used:
+        return used, None, None
+    return used, 100 * used / (cores * r["seconds"]), r["received"] / used * cores
+
+
+def _scale_note(scale: dict[int, Result], cores: int | None) -> str:
+    """What tells a CPU ceiling from a coordination one: the share of the machine each run
+    used, and the ceiling one relay's CPU per event leaves for N."""
+    one = scale.get(1)
+    if one is None or not cores:
+        return ""
+    used, _, ceiling = drain_cpu(one, cores)
+    assert ceiling is not None
+    shares = ", ".join(f"{n}: {drain_cpu(r, cores)[1]:.0f} %" for n, r in sorted(scale.items()))
+    return (
+        f"1 relay: {1e6 * used / one['received']:.1f} us of CPU per event (relay and servers):"
+        f" {cores} cores allow at most {ceiling:,.0f} ev/s"
+        f" ({ceiling / one['events_per_s']:.2f}x one relay); share of the machine used,"
+        f" by relays: {shares}"
+    )
+
+
 def _overhead_table(block: dict[str, Any]) -> list[str]:
     modes = [m for m in block if isinstance(block[m], dict)]
     return _table(
@@ -646,6 +680,7 @@ def markdown(results: Result) -> str:
         lines += _errors(cost, "cost")
     scale = results.get("scaleout", [])
     if scale:
+        cores = results.get("machine", {}).get("cpu_count")
         lines += ["## Scale-out on one table (Redis), per-key order checked at the consumer", ""]
         lines += _table(
             [
@@ -656,6 +691,9 @@ def markdown(results: Result) -> str:
                 "order violations",
                 "duplicates",
                 "relay CPU s / 10k",
+                "relay + server CPU s",
+                "of the machine %",
+                "CPU ceiling ev/s",
             ],
             [
                 [
@@ -666,10 +704,18 @@ def markdown(results: Result) -> str:
                     _fmt(r["order_violations"]),
                     _fmt(r["duplicates"]),
                     _fmt(r["relay_cpu_s_per_10k"], 2),
+                    *(_fmt(v, d) for v, d in zip(drain_cpu(r, cores), (2, 0, 0), strict=True)),
                 ]
                 for r in _ok(scale)
             ],
         )
+        lines += [
+            "CPU over each drain's own window (process accounting: the relays, Postgres, Redis,"
+            " Kafka). The ceiling is the rate the machine's cores would allow at that run's CPU"
+            " per event: a run near 100 % of the machine is CPU-bound, one far below it waits on"
+            " something else.",
+            "",
+        ]
         lines += _errors(scale, "scale-out")
     for p in results.get("profile", []):
         lines += [f"## Profile: py-spy on `outbox-relay run` during a {p['broker']} drain", ""]

@@ -1,0 +1,45 @@
+"""The benchmark report's arithmetic (bench/report.py), on rows shaped like the harness's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench.report import drain_cpu, evaluate_targets
+
+
+def scale_row(relays: int, events_per_s: float, relay_cpu: float, postgres: float) -> Any:
+    return {
+        "system": "outbox",
+        "broker": "redis",
+        "relays": relays,
+        "seconds": 100_000 / events_per_s,
+        "events_per_s": events_per_s,
+        "received": 100_000,
+        "order_violations": 0,
+        "duplicates": 0,
+        "relay_cpu_seconds": relay_cpu,
+        "relay_cpu_s_per_10k": relay_cpu / 10,
+        "server_cpu_seconds": {"postgres": postgres, "redis": 0.2, "kafka": 0.0},
+    }
+
+
+def test_drain_cpu_is_the_runs_share_of_the_machine_and_its_ceiling() -> None:
+    used, share, ceiling = drain_cpu(scale_row(1, 100_000, 0.6, 0.4), cores=2)
+    assert used == pytest.approx(1.2)
+    assert share == pytest.approx(60.0)  # 1.2 CPU-s over 1 s of 2 cores
+    assert ceiling == pytest.approx(100_000 / 1.2 * 2)
+    assert drain_cpu(scale_row(1, 100_000, 0.6, 0.4), cores=None)[1:] == (None, None)
+
+
+def test_the_scale_out_target_says_what_the_cores_allow() -> None:
+    results = {
+        "machine": {"cpu_count": 2},
+        "scaleout": [scale_row(1, 100_000, 0.6, 0.4), scale_row(4, 90_000, 0.9, 0.8)],
+    }
+    (target,) = [t for t in evaluate_targets(results) if t["target"].startswith("N relays")]
+    assert target["status"] == "MISSED"
+    assert "12.0 us of CPU per event" in target["note"]
+    assert "at most 166,667 ev/s (1.67x one relay)" in target["note"]
+    assert "1: 60 %, 4: 86 %" in target["note"]
