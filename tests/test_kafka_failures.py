@@ -621,3 +621,48 @@ async def test_no_broker_at_start_is_broker_unavailable_at_once() -> None:
     assert time.monotonic() - t0 < 2
     leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert leftovers == []
+
+
+async def test_killing_a_producer_whose_sender_failed_logs_no_traceback(
+    kafka_bootstrap: str,
+) -> None:
+    """Seen in a benchmark: the broker answered a produce request `REQUEST_TIMED_OUT`, the
+    watchdog killed the producer, and its sender task ended with an exception rather than
+    cancelled. aiokafka's done-callback (`Sender._fail_all`) then raised `AttributeError`
+    in its transaction manager (an idempotent producer has no transaction waiter), logged by
+    asyncio at ERROR with a traceback. The relay fails every pending send itself, so that
+    callback has nothing left to do."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    publisher = KafkaPublisher(kafka_bootstrap)
+    await publisher.start()
+    producer = publisher._producer
+    sender = producer._sender
+    real = sender._sender_task
+
+    async def failing_sender() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise RuntimeError("the sender failed while it was stopped") from None
+
+    # The real sender stops; a stand-in that ends with an exception takes its place, with
+    # aiokafka's own done-callback on it, as on the real task.
+    real.remove_done_callback(sender._fail_all)
+    real.cancel()
+    await asyncio.gather(real, return_exceptions=True)
+    stand_in = asyncio.create_task(failing_sender())
+    stand_in.add_done_callback(sender._fail_all)
+    sender._sender_task = stand_in
+    await asyncio.sleep(0)
+    try:
+        publisher._kill(producer, "test: no ack")
+        await asyncio.gather(stand_in, return_exceptions=True)
+        await asyncio.sleep(0.05)  # done-callbacks run on the next loop iterations
+        assert stand_in.exception() is not None  # it did end with an exception
+        assert [c.get("message") for c in reported] == []
+    finally:
+        loop.set_exception_handler(previous)
+        await publisher.stop()

@@ -275,8 +275,14 @@ class KafkaPublisher:
         error = ProducerAborted(reason)
         sender_task = None
         with contextlib.suppress(Exception):
-            sender_task = producer._sender.sender_task
+            sender = producer._sender
+            sender_task = sender.sender_task
             if sender_task is not None:
+                # Its done-callback would fail the pending sends, which fail here below; and
+                # when the task ends with an error, not cancelled, it raised AttributeError
+                # (an idempotent producer's transaction manager has no waiter): an ERROR log
+                # with a traceback at every kill.
+                sender_task.remove_done_callback(sender._fail_all)
                 sender_task.cancel()
         with contextlib.suppress(Exception):
             accumulator = producer._message_accumulator
