@@ -122,6 +122,8 @@ class Tally:
     commits: dict[str, tuple[float, float]] = field(default_factory=dict)
     durations: list[float] = field(default_factory=list)
     errors: int = 0
+    #: The process's CPU time when the measured part began.
+    cpu_at_start: float = 0.0
 
 
 Extra = Callable[[AsyncSession, int, dict[str, Any]], Awaitable[None]]
@@ -293,13 +295,16 @@ async def run_mode(
 ) -> dict[str, Any]:
     """`duration` seconds of transactions, after `lead_in` seconds of the same load whose
     transactions are left out of the results (the system under test warms up under it)."""
-    tally = Tally()
+    tally = Tally(cpu_at_start=time.process_time())
     counter = itertools.count(args.offset)
     total = int(args.rate * (lead_in + duration))
     begun_at = time.monotonic()
     started, deadline = begun_at + lead_in, begun_at + lead_in + duration
-    cpu = [time.process_time()]  # at `started`
-    asyncio.get_running_loop().call_at(started, lambda: cpu.__setitem__(0, time.process_time()))
+
+    def measuring_starts() -> None:
+        tally.cpu_at_start = time.process_time()
+
+    asyncio.get_running_loop().call_at(started, measuring_starts)
 
     async def one(n: int) -> None:
         bench_id = new_bench_id()
@@ -308,7 +313,8 @@ async def run_mode(
         try:
             sent, done = await transaction(n, event)
         except Exception:  # noqa: BLE001 - a failed transaction is counted, not fatal
-            tally.errors += begun >= started
+            if begun >= started:
+                tally.errors += 1
             return
         if begun >= started:
             tally.commits[bench_id] = (sent, done)
@@ -334,7 +340,7 @@ async def run_mode(
         "mode": mode,
         "started": started,
         "ended": ended,
-        "cpu_seconds": time.process_time() - cpu[0],
+        "cpu_seconds": time.process_time() - tally.cpu_at_start,
         "count": len(tally.durations),
         "errors": tally.errors,
         "commits": tally.commits,
