@@ -21,6 +21,7 @@ from outbox.relay.metrics import RelayMetrics
 from outbox.relay.ordering import KeyGate, PoisonPolicy, Settlement, sort_results
 from outbox.relay.retry import CircuitBreaker, PollPacer, RetryPolicy
 from outbox.relay.seams import (
+    BatchesPerPartition,
     BrokerUnavailableError,
     Claim,
     Dead,
@@ -60,12 +61,14 @@ class RelayStats:
     stopped: bool = False
 
 
-#: A claim grows while its events spread over many topics: Kafka sends one record batch per
-#: partition, and each batch costs aiokafka ~50 us of CPU whatever it holds (building it,
-#: its part of the produce request and of the response, its future), against ~5 us per
-#: record. 500 events over 500 topics went out as 500 one-record batches (docs/benchmarks.md,
-#: "Many topics"). After a full claim over so many topics that a claim of `batch_size` would
-#: give them fewer than this many events each on average, the next claim takes ...
+#: A claim grows while its events spread over many topics, for a publisher that sends one record
+#: batch per partition (seams.BatchesPerPartition: Kafka). Each batch costs aiokafka ~35 us of
+#: CPU whatever it holds (building it, its part of the produce request and of the response, its
+#: future), against ~1.5-5 us per record. 500 events over 500 topics went out as 500 one-record
+#: batches (docs/benchmarks.md, "Many topics"). After a full claim whose events were mostly on a
+#: topic of their own, the next claim is as big as a claim may grow (a small claim cannot tell
+#: 500 topics from 5,000). After a full claim over so many topics that a claim of `batch_size`
+#: would give them fewer than this many events each on average, the next claim takes ...
 SPREAD_EVENTS_PER_TOPIC = 4
 #: ... this many events per topic it saw, at most SPREAD_GROWTH times `batch_size` and at most
 #: MAX_CLAIM events. Bytes stay capped by the store's `max_batch_bytes`.
@@ -95,8 +98,12 @@ class Relay:
         self.publisher = publisher
         self.relay_id = relay_id
         self.batch_size = batch_size
-        #: The most a claim may grow to when its events spread over many topics.
-        self.max_claim = max(batch_size, min(batch_size * SPREAD_GROWTH, MAX_CLAIM))
+        #: The most a claim may grow to when its events spread over many topics: no more than
+        #: `batch_size` for a publisher whose cost does not grow with the topics.
+        spreads = isinstance(publisher, BatchesPerPartition) and publisher.batches_per_partition
+        self.max_claim = (
+            max(batch_size, min(batch_size * SPREAD_GROWTH, MAX_CLAIM)) if spreads else batch_size
+        )
         self.poll_interval = poll_interval
         self.lease_seconds = lease_seconds
         self.retry_policy = retry_policy or RetryPolicy()
@@ -409,9 +416,11 @@ class Relay:
         that ran out, claims as configured. The spread is measured against `batch_size`, not
         the claim's own size: a grown claim stays grown while the spread lasts (else every
         other claim was small again)."""
-        if not claim.full:
+        if not claim.full or self.max_claim == self.batch_size:
             return self.batch_size
         topics = len({e.topic for e in claim.events})
+        if topics * 2 > len(claim.events) > 1:
+            return self.max_claim  # the spread is wider than this claim could show
         if topics * SPREAD_EVENTS_PER_TOPIC <= self.batch_size:
             return self.batch_size
         return max(self.batch_size, min(self.max_claim, topics * SPREAD_TARGET_PER_TOPIC))

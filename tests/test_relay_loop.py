@@ -701,20 +701,44 @@ class LimitsSqliteStore(TrackedSqliteStore):
     ("topics", "expected"),
     [
         (1, [10, 10, 10, 10, 10, 10, 10]),  # one topic: as configured
-        # spread: 50 events per topic seen (10 topics, then 100), at most 100x batch_size
-        (100, [10, 500, 1000]),
-        (20, [10, 500, 1000]),  # 25 events per topic in a grown claim: it stays grown
+        # most events on a topic of their own: the most a claim may grow to (100x batch_size)
+        (100, [10, 1000]),
+        (20, [10, 1000]),
+        # spread: 50 events per topic seen; 50 per topic in the grown claim: it stays grown
+        (4, [10, 200, 200, 200]),
     ],
 )
 async def test_a_claim_grows_while_its_events_spread_over_many_topics(
     db: OutboxDb, clock: FakeClock, topics: int, expected: list[int]
+) -> None:
+    await _drain_noting_claims(db, clock, topics, expected, PerPartitionPublisher())
+
+
+@pytest.mark.parametrize("topics", [1, 4, 100])
+async def test_a_claim_does_not_grow_for_a_publisher_whose_cost_is_per_event(
+    db: OutboxDb, clock: FakeClock, topics: int
+) -> None:
+    await _drain_noting_claims(db, clock, topics, [10] * 60, RecordingPublisher())
+
+
+class PerPartitionPublisher(RecordingPublisher):
+    """As Kafka's: one record batch per partition (seams.BatchesPerPartition)."""
+
+    batches_per_partition = True
+
+
+async def _drain_noting_claims(
+    db: OutboxDb,
+    clock: FakeClock,
+    topics: int,
+    expected: list[int],
+    publisher: RecordingPublisher,
 ) -> None:
     store = LimitsSqliteStore(db.url, clock=clock)
     store.limits = []
     events = await db.add_all(
         [OutboxEvent(topic=f"t{n % topics}", key=f"k{n}", payload={}) for n in range(600)]
     )
-    publisher = RecordingPublisher()
     stats = await make_relay(store, publisher).drain()
     assert stats.delivered == 600
     assert seqs(publisher.published) == seqs(events)

@@ -98,6 +98,8 @@ class _KeyPartitions:
 
 class KafkaPublisher:
     name = "kafka"
+    #: One record batch per partition: the relay claims more while events spread (seams.py).
+    batches_per_partition = True
 
     #: Send rounds per publish: the first, then resends after a replaced producer.
     MAX_ROUNDS = 3
