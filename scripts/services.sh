@@ -529,6 +529,10 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=true
 delete.topic.enable=true
+# 1 MB offset and time indexes per segment instead of 10 MB: on this kernel a write into a
+# fresh preallocated index costs the broker ~0.2 ms per MB of it; with 10 MB a produce request
+# that added index entries to 3,000 partitions took 12-16 s (docs/benchmarks.md, "Many topics").
+log.index.size.max.bytes=1048576
 EOF
   cat >"$KAFKA_CONF/log4j2.properties" <<EOF
 # Written by scripts/services.sh. WARN and above go to server.log, plus the

@@ -222,6 +222,7 @@ class KafkaBroker:
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
             "delete.topic.enable": "true",
+            "log.index.size.max.bytes": "1048576",
             **self._settings,
         }
         text = "".join(f"{k}={v}\n" for k, v in props.items())
