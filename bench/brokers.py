@@ -159,13 +159,14 @@ class BrokerOps:
         """Make the broker write the first offset- and time-index entry of every partition of
         `topics` (Kafka topics made by `prepare_many`); returns the seconds it took.
 
-        A partition's first index entry is its first write into a new, preallocated 10 MB
-        memory-mapped index file, and on this machine's kernel the first write into such a
-        file costs ~0.18 ms of CPU per MB of its size (measured with Python's mmap alone):
-        after 1,000 topics were created, one produce request that crossed the first index
-        entries of their partitions took 5-14 s at the broker (docs/benchmarks.md, "Many
-        topics"). The broker adds an entry at the first append after `index.interval.bytes`
-        (4,096) of log: a record of 4.5 KB, then one more, to each partition."""
+        A partition's first index entry is the first write into its segment's preallocated,
+        memory-mapped index files (10 MB each by default, 1 MB on the project's brokers), and
+        on this machine's kernel such a write costs ~0.2 ms of CPU per MB of the file
+        (measured with Python's mmap alone): with 10 MB indexes, a produce request that
+        crossed the first index entries of 3,000 new partitions took 12-16 s at the broker,
+        with 1 MB ~2 s (docs/benchmarks.md, "Eighth session"). The broker adds an entry at
+        the first append after `index.interval.bytes` (4,096) of log: a record of 4.5 KB,
+        then one more, to each partition."""
         producer = AIOKafkaProducer(
             bootstrap_servers=self.services.kafka_bootstrap,
             request_timeout_ms=120_000,

@@ -45,7 +45,7 @@ async def many_topics(ctx: Context) -> list[Result]:
                 await ctx.ops.prepare_many(broker, topics)
             ctx.log(f"topics {broker}: created and ready in {time.perf_counter() - started:.1f}s")
             # Redis streams are created by their first entry: no first drain to set apart.
-            order = [("new", str(cfg.topics_count))] if broker == "kafka" else []
+            order = [("new", label_many)] if broker == "kafka" else []
             order += [("existing", label) for label in abba(tuple(sets), cfg.topics_rounds)]
             runs: dict[tuple[str, str], list[Result]] = {}
             warmed: float | None = None
