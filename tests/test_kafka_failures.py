@@ -271,6 +271,56 @@ async def test_refused_record_dead_letters_alone(
     assert await pending(pg) == 0
 
 
+async def test_a_grown_claim_over_many_topics_dead_letters_only_the_guilty(
+    database_url: str, kafka_bootstrap: str, pg: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events spread over 40 topics, so the claims grow (batch_size 10: a claim of 10 events on
+    10 topics makes the next one 1,000). Inside the grown claim: a record the broker refuses
+    (1.5 MB), and a topic with an illegal name. Only they, and the big record's later event of
+    its key (parked behind it), are dead-lettered; every other event arrives in key order."""
+    monkeypatch.setenv("OUTBOX_MAX_PAYLOAD_BYTES", "2000000")
+    prefix = f"grow-{uuid.uuid4().hex[:6]}-"
+    topics = [f"{prefix}{n}" for n in range(40)]
+    for topic in topics:
+        await create_topic(kafka_bootstrap, topic)
+    innocents = [
+        OutboxEvent(topic=t, key=f"{t}-k{k}", payload={"n": n})
+        for n in range(3)
+        for k in range(2)
+        for t in topics
+    ]
+    big = OutboxEvent(topic=topics[7], key="big", payload={"blob": "x" * 1_500_000})
+    after_big = OutboxEvent(topic=topics[7], key="big", payload={"after": True})
+    illegal = [OutboxEvent(topic=f"{prefix}bad", key=f"bad-{n}", payload={}) for n in range(3)]
+    await commit_events(database_url, [*innocents[:10], big, *illegal, *innocents[10:], after_big])
+    await pg.execute(
+        "UPDATE outbox_events SET topic = topic || '!' WHERE topic = $1", f"{prefix}bad"
+    )
+    relay = pg_relay(database_url, KafkaPublisher(kafka_bootstrap), batch_size=10)
+    limits: list[int] = []
+    claim = relay.store.claim
+
+    async def noting(limit: int, exclude: Any = (), after: int = 0) -> Any:
+        limits.append(limit)
+        return await claim(limit, exclude=exclude, after=after)
+
+    monkeypatch.setattr(relay.store, "claim", noting)
+    stats = await relay.drain()
+    assert max(limits) == 1000  # the claim grew
+    dead = await dead_letters(pg)
+    assert {d["event_id"] for d in dead} == {big.id, after_big.id, *(e.id for e in illegal)}
+    assert {d["error_class"] for d in dead if d["event_id"] != after_big.id} == {
+        "MessageSizeTooLargeError",
+        "InvalidTopicError",
+    }
+    assert stats.delivered == len(innocents)
+    received = {t: await read_all(kafka_bootstrap, t) for t in topics}
+    assert {e.id for r in received.values() for e in r} == {e.id for e in innocents}
+    for records in received.values():  # each key is on one topic
+        assert_per_key_order(first_seen_order(records))
+    assert await pending(pg) == 0
+
+
 # -- (c) a topic whose size limit is below the producer's batch size -------------------------
 
 
