@@ -72,13 +72,20 @@ def _on_off_targets(
             out.append(_target(label, "-", None))
             continue
         ratio = on["events_per_s"] / off["events_per_s"]
+        machine = ""
+        if on.get("machine_cpu_us_per_event") and off.get("machine_cpu_us_per_event"):
+            machine = (
+                f"; machine CPU per event: {on['machine_cpu_us_per_event']} vs "
+                f"{off['machine_cpu_us_per_event']} us"
+            )
         out.append(
             _target(
                 label,
                 f"{ratio:.3f}x ({on['events_per_s']:,.0f} vs {off['events_per_s']:,.0f} ev/s)",
                 ratio >= goal,
-                f"CPU per 10k events: {on['cpu_s_per_10k']} vs {off['cpu_s_per_10k']} s; runs "
-                f"{on.get('runs_events_per_s')} vs {off.get('runs_events_per_s')}",
+                f"relay CPU per 10k events: {on['cpu_s_per_10k']} vs {off['cpu_s_per_10k']} s"
+                f"{machine}; runs {on.get('runs_events_per_s')} vs "
+                f"{off.get('runs_events_per_s')}",
             )
         )
     return out
@@ -241,13 +248,25 @@ def evaluate_targets(results: Result) -> list[Result]:
         "metrics recorded and scraped: drain >= {goal}x metrics off, {broker}",
         t.metrics_ratio,
     )
-    out += _on_off_targets(
+    history = _on_off_targets(
         results,
         "history",
         ("outbox, history off", "outbox, history on"),
         "delivered history on: drain >= {goal}x history off, {broker}",
         t.history_ratio,
     )
+    probes = {r["system"]: r for r in _ok(results.get("history", [])) if r["broker"] == "postgres"}
+    delete = probes.get("settle statement, delete_delivered")
+    move = probes.get("settle statement, move_delivered")
+    if delete and move:
+        for target in (t for t in history if t["status"] != "not measured"):
+            target["note"] += (
+                f"; the settle statement alone, Postgres CPU per event: "
+                f"{move['postgres_cpu_us_per_event']} us (move) vs "
+                f"{delete['postgres_cpu_us_per_event']} us (delete), WAL "
+                f"{move['wal_bytes_per_event']} vs {delete['wal_bytes_per_event']} bytes"
+            )
+    out += history
     for broker in ("kafka", "redis"):
         modes = {r["system"]: r for r in _ok(results.get("prune", [])) if r["broker"] == broker}
         alone = modes.get("outbox, history on, alone")

@@ -34,6 +34,7 @@ from outbox.relay.factory import build_relay
 from outbox.relay.metrics import RelayMetrics, serve_metrics
 from outbox.relay.relay import Relay
 from outbox.relay.settings import RelaySettings
+from outbox.relay.sql import QUERIES
 from outbox.relay.stores.postgres import PostgresStore
 from outbox.urls import asyncpg_dsn
 
@@ -82,6 +83,13 @@ def cdf_points(sorted_values: list[float], points: int = 200) -> list[list[float
 def cpu_self() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def machine_busy() -> float:
+    """CPU seconds every core of the machine has been busy (neither idle nor waiting for I/O;
+    guest time is inside user time on Linux, and stolen time is not ours)."""
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0))
 
 
 async def guarded(
@@ -321,11 +329,70 @@ async def envelope_cost(ctx: Context) -> list[Result]:
 
 async def history_cost(ctx: Context) -> list[Result]:
     """The drain with delivered history on (each delivered row moved into outbox_delivered,
-    with its broker position) vs off (deleted) (the target: on >= 0.8x off)."""
+    with its broker position) vs off (deleted) (the target: on >= 0.8x off); then what each
+    settle statement alone costs Postgres."""
     cfg = ctx.config
-    return await _drains_by_mode(
+    drains = await _drains_by_mode(
         ctx, "history", ("off", "on"), cfg.history_rounds, cfg.history_events
     )
+    probes = []
+    for statement in ("delete_delivered", "move_delivered"):
+        base = {"system": f"settle statement, {statement}", "broker": "postgres"}
+        run = functools.partial(_settle_statement_cost, ctx, statement, cfg.history_events)
+        probes.append(await guarded(ctx, base["system"], run, base))
+    return drains + probes
+
+
+#: The relay id the settle probe leases every bucket to.
+_PROBE_RELAY = "bench-settle-probe"
+
+
+async def _settle_statement_cost(ctx: Context, statement: str, events: int) -> Result:
+    """Postgres's CPU and WAL per event in one settle statement alone (`delete_delivered`, or
+    `move_delivered` with Kafka positions as the relay passes them): `events` seeded events
+    settled 500 a statement (the relay's batch) by one connection, the backend's CPU read
+    from the kernel. No relay, no broker: what history costs Postgres itself."""
+    async with ctx.dbs.fresh() as url:
+        await seed_outbox(url, events, "settle-probe", ctx.config.keys)
+        conn = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            await conn.execute(
+                "INSERT INTO outbox_relays (relay_id, hostname, pid) VALUES ($1, 'bench', 0)",
+                _PROBE_RELAY,
+            )
+            await conn.execute(
+                "UPDATE outbox_bucket_leases SET owner = $1, "
+                "lease_until = now() + interval '1 hour'",
+                _PROBE_RELAY,
+            )
+            await conn.execute("ANALYZE outbox_events")
+            seqs = [r[0] for r in await conn.fetch("SELECT seq FROM outbox_events ORDER BY seq")]
+            backend = psutil.Process(await conn.fetchval("SELECT pg_backend_pid()"))
+            if not backend.name().startswith("postgres"):  # Postgres in a container, say
+                raise RuntimeError("the connection's backend is not a local process")
+            prepared = await conn.prepare(QUERIES[statement])
+            lsn = "SELECT pg_current_wal_lsn()"
+            wal, cpu, started = await conn.fetchval(lsn), backend.cpu_times(), time.perf_counter()
+            for i in range(0, len(seqs), 500):
+                chunk = seqs[i : i + 500]
+                if statement == "delete_delivered":
+                    await prepared.fetch(_PROBE_RELAY, chunk)
+                else:  # Kafka's positions: partition and offset arrays, no entry ids
+                    offsets = list(range(i, i + len(chunk)))
+                    await prepared.fetch(_PROBE_RELAY, chunk, [0] * len(chunk), offsets, [])
+            seconds, after = time.perf_counter() - started, backend.cpu_times()
+            wal_bytes = await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1)", wal)
+            left = await conn.fetchval("SELECT count(*) FROM outbox_events")
+        finally:
+            await conn.close()
+    used = (after.user + after.system) - (cpu.user + cpu.system)
+    return {
+        "events": len(seqs),
+        "settled": len(seqs) - left,
+        "seconds": round(seconds, 3),
+        "postgres_cpu_us_per_event": round(used / max(1, len(seqs)) * 1e6, 2),
+        "wal_bytes_per_event": round(float(wal_bytes) / max(1, len(seqs))),
+    }
 
 
 async def _drains_by_mode(
@@ -493,7 +560,7 @@ async def _drain_outbox(
         try:
             async with scraper(metrics) as port:
                 await asyncio.sleep(0.5 if port else 0)  # the scraper's Python has started
-                cpu = cpu_self()
+                cpu, busy = cpu_self(), machine_busy()
                 started = time.perf_counter()
                 relay = _relay(ctx, url, broker, "bench-drain", envelope=envelope, history=history)
                 async with (
@@ -502,7 +569,7 @@ async def _drain_outbox(
                 ):
                     stats = await relay.drain()
                     seconds = time.perf_counter() - started  # not the metrics server's shutdown
-                    cpu = cpu_self() - cpu
+                    cpu, busy = cpu_self() - cpu, machine_busy() - busy
             delivered = await ctx.ops.delivered(broker, topic)
             table = await table_stats(url, "outbox_events")
         finally:
@@ -515,6 +582,8 @@ async def _drain_outbox(
         "batches": stats.batches,
         "cpu_seconds": round(cpu, 2),
         "cpu_s_per_10k": round(cpu / max(1, stats.delivered) * 10_000, 3),
+        # The relay, Postgres, the broker and the kernel: what a CPU-bound drain divides.
+        "machine_cpu_us_per_event": round(busy / max(1, stats.delivered) * 1e6, 1),
         "seed_seconds": round(seed_seconds, 2),
         "dead_tuples": table.get("n_dead_tup"),
         "live_tuples": table.get("n_live_tup"),

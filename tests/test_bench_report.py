@@ -43,3 +43,36 @@ def test_the_scale_out_target_says_what_the_cores_allow() -> None:
     assert "12.0 us of CPU per event" in target["note"]
     assert "at most 166,667 ev/s (1.67x one relay)" in target["note"]
     assert "1: 60 %, 4: 86 %" in target["note"]
+
+
+def history_row(system: str, broker: str, events_per_s: float, machine_us: float) -> Any:
+    return {
+        "system": system,
+        "broker": broker,
+        "events": 100_000,
+        "events_per_s": events_per_s,
+        "cpu_s_per_10k": 0.06,
+        "machine_cpu_us_per_event": machine_us,
+        "runs_events_per_s": [events_per_s],
+    }
+
+
+def test_the_history_target_shows_the_machines_cpu_and_the_statement_alone() -> None:
+    probe = {"broker": "postgres", "postgres_cpu_us_per_event": 4.8, "wal_bytes_per_event": 662}
+    results = {
+        "history": [
+            history_row("outbox, history off", "kafka", 140_000, 11.2),
+            history_row("outbox, history on", "kafka", 93_000, 16.2),
+            {**probe, "system": "settle statement, delete_delivered"}
+            | {"postgres_cpu_us_per_event": 1.1, "wal_bytes_per_event": 56},
+            {**probe, "system": "settle statement, move_delivered"},
+        ]
+    }
+    targets = [t for t in evaluate_targets(results) if t["target"].startswith("delivered")]
+    kafka, redis = targets
+    assert kafka["status"] == "MISSED"
+    assert kafka["measured"] == "0.664x (93,000 vs 140,000 ev/s)"
+    assert "machine CPU per event: 16.2 vs 11.2 us" in kafka["note"]
+    assert "4.8 us (move) vs 1.1 us (delete), WAL 662 vs 56 bytes" in kafka["note"]
+    assert redis["status"] == "not measured"
+    assert redis["note"] == ""
