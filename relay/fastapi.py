@@ -130,7 +130,8 @@ class OutboxLifespan:
             else:
                 return  # asked to stop
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), pause)
+                async with asyncio.timeout(pause):
+                    await self._stopping.wait()
             if self._stopping.is_set():
                 return
             relay = self._new_relay()

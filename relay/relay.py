@@ -173,7 +173,8 @@ class Relay:
             self._stopping.set()
             if not work.done():
                 try:
-                    await asyncio.wait_for(asyncio.shield(work), self.shutdown_timeout)
+                    async with asyncio.timeout(self.shutdown_timeout):
+                        await asyncio.shield(work)
                 except TimeoutError:
                     log.warning(
                         "shutdown_timeout", relay_id=self.relay_id, seconds=self.shutdown_timeout
@@ -256,13 +257,15 @@ class Relay:
     async def _sleep(self, seconds: float) -> bool:
         """Sleep unless asked to stop first; True when stopping."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
         return self._stopping.is_set()
 
     async def _wait_for_work(self, delay: float) -> bool:
         """A NOTIFY (True), the jittered delay, or stop (True), whichever comes first."""
         try:
-            await asyncio.wait_for(self._wake.wait(), delay * (0.8 + 0.4 * self._rand()))
+            async with asyncio.timeout(delay * (0.8 + 0.4 * self._rand())):
+                await self._wake.wait()
         except TimeoutError:
             return False
         return True

@@ -186,7 +186,8 @@ def _decoded(where: str, decode: Callable[..., Envelope], *args: Any) -> Envelop
 async def _stopped(stop: asyncio.Event, seconds: float) -> bool:
     """Wait up to `seconds` for `stop`; True if it is set."""
     try:
-        await asyncio.wait_for(stop.wait(), seconds)
+        async with asyncio.timeout(seconds):
+            await stop.wait()
     except TimeoutError:
         return False
     return True

@@ -29,7 +29,7 @@ from aiokafka.protocol.metadata import MetadataRequest
 from outbox import OutboxEvent
 from outbox.envelope import Envelope
 from outbox.relay.ordering import hold_back_after_failures
-from outbox.relay.publishers.kafka import KafkaPublisher
+from outbox.relay.publishers.kafka import KafkaPublisher, _Watchdog
 from outbox.relay.publishers.kafka_errors import (
     KINDS,
     Kind,
@@ -716,3 +716,38 @@ async def test_killing_a_producer_whose_sender_failed_logs_no_traceback(
     finally:
         loop.set_exception_handler(previous)
         await publisher.stop()
+
+
+class _ClosedWriter:
+    def close(self) -> None:
+        return None
+
+    async def wait_closed(self) -> None:
+        return None
+
+
+async def test_the_ack_watchdog_stops_when_cancelled_as_its_probe_connects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round's watchdog is stopped (cancelled) when the acks are in. If the cancel came just
+    as its reachability probe connected, Python 3.11's `asyncio.wait_for` returned the
+    connection and dropped the cancel: the watchdog kept probing, and the round waited for
+    it until the ack deadline, then killed the producer (20 s drains over many topics)."""
+    loop = asyncio.get_running_loop()
+    probing = asyncio.Event()
+    connected: asyncio.Future[tuple[None, _ClosedWriter]] = loop.create_future()
+
+    async def open_connection(host: str, port: int) -> tuple[None, _ClosedWriter]:
+        probing.set()
+        return await connected
+
+    monkeypatch.setattr(asyncio, "open_connection", open_connection)
+    publisher = KafkaPublisher("127.0.0.1:9", probe_interval=0.01)
+    watchdog = _Watchdog(publisher, None, deadline=loop.time() + 60)
+    watchdog.start()
+    await probing.wait()
+    connected.set_result((None, _ClosedWriter()))
+    stopping = asyncio.create_task(watchdog.stop())  # runs right after the probe completes
+    async with asyncio.timeout(5):
+        await stopping
+    assert publisher._abort_reason is None  # stopped, not timed out into an abort

@@ -209,7 +209,8 @@ class KafkaPublisher:
         producer, self._producer = self._producer, None
         if producer is not None:
             try:
-                await asyncio.wait_for(producer.stop(), 5)  # flushes what is still buffered
+                async with asyncio.timeout(5):
+                    await producer.stop()  # flushes what is still buffered
             except Exception:  # noqa: BLE001 - a stuck stop must not keep the relay up
                 self._kill(producer, "stop failed")
             except BaseException:
@@ -224,7 +225,8 @@ class KafkaPublisher:
         await self._await_disposals()  # the last producer is really gone before a new one
         producer = self._new_producer()
         try:
-            await asyncio.wait_for(producer.start(), self._request_timeout)
+            async with asyncio.timeout(self._request_timeout):
+                await producer.start()
         except BaseException as exc:  # whatever it is, there is no producer
             self._kill(producer, "start failed")
             if not isinstance(exc, Exception):
@@ -238,9 +240,8 @@ class KafkaPublisher:
             for topic in self._topics_in_use:
                 producer.client.add_topic(topic)
             try:
-                await asyncio.wait_for(
-                    producer.client.force_metadata_update(), self._request_timeout
-                )
+                async with asyncio.timeout(self._request_timeout):
+                    await producer.client.force_metadata_update()
             except Exception as exc:
                 self._kill(producer, "metadata update failed")
                 raise BrokerUnavailableError(
@@ -255,7 +256,8 @@ class KafkaPublisher:
         old, self._producer = self._producer, None
         if old is not None:
             try:
-                await asyncio.wait_for(old.stop(), 5)  # nothing is pending: quick
+                async with asyncio.timeout(5):
+                    await old.stop()  # nothing is pending: quick
             except Exception:  # noqa: BLE001 - stuck: kill it
                 self._kill(old, reason)
             except BaseException:
@@ -301,10 +303,12 @@ class KafkaPublisher:
 
     async def _dispose(self, producer: Any, sender_task: asyncio.Task[Any] | None) -> None:
         with contextlib.suppress(BaseException):
-            await asyncio.wait_for(producer.client.close(), 2)
+            async with asyncio.timeout(2):
+                await producer.client.close()
         if sender_task is not None:
             with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(sender_task), 2)
+                async with asyncio.timeout(2):
+                    await asyncio.shield(sender_task)
             if sender_task.done() and not sender_task.cancelled():
                 sender_task.exception()  # retrieved: no "never retrieved" noise
 
@@ -756,9 +760,8 @@ class KafkaPublisher:
         client = producer.client
         node = client.get_random_node()
         try:
-            response = await asyncio.wait_for(
-                client.send(node, MetadataRequest(topics)), self._request_timeout
-            )
+            async with asyncio.timeout(self._request_timeout):
+                response = await client.send(node, MetadataRequest(topics))
         except Exception as exc:
             self._abort(producer, f"metadata request failed: {describe(exc)}")
             raise BrokerUnavailableError(
@@ -773,7 +776,8 @@ class KafkaPublisher:
 
     async def _refresh_metadata(self, producer: Any) -> None:
         try:
-            await asyncio.wait_for(producer.client.force_metadata_update(), self._request_timeout)
+            async with asyncio.timeout(self._request_timeout):
+                await producer.client.force_metadata_update()
         except Exception as exc:
             self._abort(producer, f"metadata update failed: {describe(exc)}")
             raise BrokerUnavailableError(
@@ -798,7 +802,8 @@ class KafkaPublisher:
         addresses.update(self._bootstrap_addresses())
         for host, number in sorted(addresses):
             try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(host, number), 1.0)
+                async with asyncio.timeout(1.0):
+                    _, writer = await asyncio.open_connection(host, number)
             except (OSError, TimeoutError):
                 continue
             writer.close()

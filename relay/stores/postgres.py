@@ -530,10 +530,12 @@ class PostgresStore:
                     self._wake()  # notifications may have been missed while disconnected
                 while True:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(closed.wait(), 5.0)
+                        async with asyncio.timeout(5.0):
+                            await closed.wait()
                     if closed.is_set():
                         raise asyncpg.ConnectionDoesNotExistError("the server closed it")
-                    await asyncio.wait_for(conn.execute("SELECT 1"), 5.0)
+                    async with asyncio.timeout(5.0):
+                        await conn.execute("SELECT 1")
             except CONNECTION_ERRORS as exc:
                 log.warning("listener_reconnecting", error=str(exc), retry_in=pause)
             finally:
