@@ -547,11 +547,15 @@ async def test_connections_killed_mid_query_on_busy_relays(
     supervisor = asyncio.create_task(relays.supervise())
     try:
         async with writing(ws):
-            for _ in range(10 if soak else 2):
+            # Rounds of kills until at least 3 hit a running query: a relay's statements take
+            # about a millisecond, so a poll finds one running only now and then.
+            rounds = 0
+            while rounds < (10 if soak else 2) or (killed < 3 and rounds < 12):
                 until = time.monotonic() + 1.5
-                killed += await terminate(database_url, RELAY_QUERIES, 0.02, until)
+                killed += await terminate(database_url, RELAY_QUERIES, 0.005, until)
                 recoveries.append(asyncio.create_task(recovery(database_url, time.monotonic())))
                 await asyncio.sleep(0.5)
+                rounds += 1
         await wait_drained(database_url, relays=relays)
         recovered = await asyncio.gather(*recoveries)
     finally:
