@@ -65,15 +65,25 @@ class BrokerOps:
     def redis(self) -> aioredis.Redis:
         return aioredis.Redis.from_url(self.services.redis_url)
 
-    async def prepare(self, broker: Broker, topic: str) -> None:
-        """A fresh topic (3 partitions, created up front) or an absent stream."""
+    async def prepare(self, broker: Broker, topic: str, *, append_times: bool = False) -> None:
+        """A fresh topic (3 partitions, created up front) or an absent stream. `append_times`:
+        the broker stamps each record with the time it appended it (`LogAppendTime`, in ms),
+        which the latency runs use to split the path at the broker."""
         if broker == "redis":
             await self._delete_stream(topic)
             return
+        configs = {"message.timestamp.type": "LogAppendTime"} if append_times else {}
         admin = await self._kafka_admin()
         try:
             await admin.create_topics(
-                [NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)]
+                [
+                    NewTopic(
+                        topic,
+                        num_partitions=PARTITIONS,
+                        replication_factor=1,
+                        topic_configs=configs,
+                    )
+                ]
             )
         finally:
             await admin.close()
@@ -282,13 +292,16 @@ def bench_id_of(*values: bytes | None) -> str | None:
 
 
 class Receiver:
-    """Records when each event reaches a consumer: bench id -> time.monotonic()."""
+    """Records when each event reaches a consumer: bench id -> time.monotonic(). On Kafka, also
+    the record's timestamp, on the same clock (`appended`): on a topic made with
+    `prepare(..., append_times=True)` the time the broker appended it, to the millisecond."""
 
     def __init__(self, services: Services, broker: Broker, topic: str) -> None:
         self.services = services
         self.broker = broker
         self.topic = topic
         self.receipts: dict[str, float] = {}
+        self.appended: dict[str, float] = {}
         self.order = OrderCheck()
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -340,6 +353,7 @@ class Receiver:
                 "fetch.wait.max.ms": 50,
             }
         )
+        wall_to_monotonic = time.monotonic() - time.time()  # both clocks are the machine's
         try:
             consumer.assign(
                 [KafkaPartition(self.topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)]
@@ -353,6 +367,8 @@ class Receiver:
                 found = bench_id_of(message.value())
                 if found is not None:
                     self.receipts.setdefault(found, now)
+                    stamp_ms = message.timestamp()[1]
+                    self.appended.setdefault(found, stamp_ms / 1000 + wall_to_monotonic)
                 seq = dict(message.headers() or ()).get("outbox-seq")
                 if seq is not None:
                     self.order.feed(message.key(), int(seq))

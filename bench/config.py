@@ -23,6 +23,9 @@ WORKLOADS = (
     "topics",
 )
 
+#: The latency rows of records sent straight to the broker (bench/broker_floor.py).
+FLOOR = "broker alone"
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -44,12 +47,16 @@ class BenchConfig:
     faststream_tuned_events: int = 10_000
     faststream_default_events: int = 2_000
     latency_rates: tuple[int, ...] = (100, 1_000, 5_000)
-    latency_seconds: float = 10.0
+    #: 20 s, not 10: a p99 from 1,000 events (100/s) is its 10th slowest, and moved 1.5-4.7 ms
+    #: between runs of the same code.
+    latency_seconds: float = 20.0
     #: Seconds of the same load before each latency run, unmeasured: the first events to a
     #: new topic, and each process's first runs of its code paths, are a cold start, not the
     #: steady load measured (26 of the 100 slowest of a 10 s run came in its first 50 ms).
     latency_lead_in: float = 1.0
     faststream_latency_rate: int = 1_000
+    #: Records sent straight to the broker at these rates, no database, no relay (the floor).
+    latency_floor_rates: tuple[int, ...] = (100, 1_000)
     #: Also measure this rate with Postgres JIT off for the database (0: skip).
     latency_jit_off_rate: int = 1_000
     #: With `outbox.notify = off` on the writers, the relay polling every `quiet_poll_interval`.
@@ -126,6 +133,7 @@ def quick(out: Path) -> BenchConfig:
         latency_seconds=2.0,
         latency_lead_in=0.2,
         faststream_latency_rate=200,
+        latency_floor_rates=(200,),
         latency_jit_off_rate=0,
         latency_quiet_rate=0,
         overhead_seconds=1.0,

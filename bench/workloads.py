@@ -25,7 +25,7 @@ import psutil
 
 from bench import faststream_runner, naive_relay
 from bench.brokers import Broker, BrokerOps, Receiver
-from bench.config import BenchConfig
+from bench.config import FLOOR, BenchConfig
 from bench.infra import Databases, Services, is_empty, poll, table_stats
 from bench.procs import Proc, module_argv, relay_argv
 from bench.seed import seed_faststream, seed_outbox, seed_waiting
@@ -726,6 +726,20 @@ async def collect_writers(running: list[tuple[Proc, Path]], timeout: float) -> l
     return runs
 
 
+def _split_at_the_broker(commits: dict[str, list[float]], receiver: Receiver) -> Result:
+    """Kafka: each event's path cut where the broker appended it (`LogAppendTime`, to the ms:
+    the first part reads up to 1 ms short, the second up to 1 ms long)."""
+    both = [k for k in commits if k in receiver.appended and k in receiver.receipts]
+    if not both:
+        return {}
+    return {
+        "commit_to_broker": _latency_summary([receiver.appended[k] - commits[k][1] for k in both]),
+        "broker_to_consumer": _latency_summary(
+            [receiver.receipts[k] - receiver.appended[k] for k in both]
+        ),
+    }
+
+
 def _latency_summary(values: list[float]) -> Result:
     ordered = sorted(v * 1000 for v in values)
     return {
@@ -868,7 +882,68 @@ async def latency(ctx: Context) -> list[Result]:
                     base,
                 )
             )
+        for target in cfg.latency_floor_rates:
+            base = {"system": FLOOR, "broker": broker, "target_rate": target}
+            results.append(
+                await guarded(
+                    ctx,
+                    f"latency {FLOOR} {broker} {target}/s",
+                    functools.partial(_broker_floor, ctx, broker, target),
+                    base,
+                )
+            )
     return results
+
+
+async def _broker_floor(ctx: Context, broker: Broker, target: int) -> Result:
+    """Send -> consumer for records sent straight to the broker, one at a time, at `target`/s:
+    the part of a commit -> consumer latency that is the broker's and the consumer's."""
+    cfg = ctx.config
+    topic = ctx.topic(f"floor-{broker}")
+    await ctx.ops.prepare(broker, topic)
+    receiver = Receiver(ctx.services, broker, topic)
+    consumer = asyncio.create_task(receiver.run())
+    out = ctx.tmp / f"floor-{uuid.uuid4().hex[:8]}.json"
+    argv = module_argv(
+        "bench.broker_floor",
+        *("--broker", broker, "--topic", topic, "--rate", str(target)),
+        *("--seconds", str(cfg.latency_seconds), "--lead-in", str(cfg.latency_lead_in)),
+        *("--keys", str(cfg.keys), "--out", str(out)),
+        *("--kafka-bootstrap", ctx.services.kafka_bootstrap),
+        *("--redis-url", ctx.services.redis_url),
+    )
+    proc: Proc | None = None
+    try:
+        async with asyncio.timeout(30):
+            await receiver.ready.wait()
+        await write_back_dirty_pages()
+        proc = Proc(argv, out.with_suffix(".log"))
+        code = await proc.wait(cfg.latency_lead_in + cfg.latency_seconds + 60)
+        if code != 0:
+            raise RuntimeError(f"broker floor exited {code}: {proc.tail()}")
+        done = json.loads(out.read_text())
+        sent: dict[str, float] = done["sent"]
+
+        async def all_received() -> bool:
+            return sent.keys() <= receiver.receipts.keys()
+
+        with contextlib.suppress(TimeoutError):
+            await poll(all_received, 0.05, 15)
+    finally:
+        receiver.stop()
+        await asyncio.gather(consumer, return_exceptions=True)
+        if proc is not None:
+            await proc.stop()
+        await ctx.ops.cleanup(broker, topic)
+    lat = [receiver.receipts[k] - at for k, at in sent.items() if k in receiver.receipts]
+    return {
+        "achieved_rate": rate(len(sent), done["ended"] - done["started"]),
+        "committed": len(sent),
+        "received": len(lat),
+        "missing": len(sent) - len(lat),
+        **_latency_summary(lat),
+        "cdf_ms": cdf_points(sorted(v * 1000 for v in lat)),
+    }
 
 
 async def write_back_dirty_pages() -> float:
@@ -955,7 +1030,7 @@ async def _latency(
             finally:
                 await conn.close()
         topic = ctx.topic(f"lat-{broker}")
-        await ctx.ops.prepare(broker, topic)
+        await ctx.ops.prepare(broker, topic, append_times=True)
         receiver = Receiver(ctx.services, broker, topic)
         consumer = asyncio.create_task(receiver.run())
         relay: Proc | None = None
@@ -1015,6 +1090,7 @@ async def _latency(
         "order_violations": receiver.order.violations,
         **_latency_summary(lat),
         "from_commit_sent": from_sent,
+        **_split_at_the_broker(commits, receiver),
         "cdf_ms": cdf_points(ordered),
         "dirty_pages_flush_s": round(flush_seconds, 2),
     }

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from bench.report import drain_cpu, evaluate_targets
+from bench.config import FLOOR
+from bench.report import drain_cpu, evaluate_targets, markdown
 
 
 def scale_row(relays: int, events_per_s: float, relay_cpu: float, postgres: float) -> Any:
@@ -76,3 +77,47 @@ def test_the_history_target_shows_the_machines_cpu_and_the_statement_alone() -> 
     assert "4.8 us (move) vs 1.1 us (delete), WAL 662 vs 56 bytes" in kafka["note"]
     assert redis["status"] == "not measured"
     assert redis["note"] == ""
+
+
+def latency_row(system: str, rate: int, p50: float, p99: float, **extra: Any) -> Any:
+    return {"system": system, "broker": "kafka", "target_rate": rate}, {
+        "achieved_rate": float(rate),
+        "committed": 1_000,
+        "received": 1_000,
+        "p50_ms": p50,
+        "p95_ms": p99,
+        "p99_ms": p99,
+        "max_ms": p99,
+        **extra,
+    }
+
+
+def test_the_latency_targets_and_table_show_the_broker_alone_and_the_split() -> None:
+    split = {
+        "commit_to_broker": {"p50_ms": 0.4, "p99_ms": 2.0},
+        "broker_to_consumer": {"p50_ms": 1.0, "p99_ms": 1.9},
+        "from_commit_sent": {"p50_ms": 2.0, "p99_ms": 4.2},
+        "before_commit_returned": 0,
+    }
+    rows = [
+        latency_row("outbox", 100, 1.4, 3.3, **split),
+        latency_row("outbox", 1_000, 2.4, 4.8, **split),
+        latency_row(FLOOR, 100, 0.8, 1.2),
+        latency_row(FLOOR, 1_000, 0.7, 2.1),
+    ]
+    machine = {"date": "-", "cpu_count": 2, "cpu_model": "-", "memory_gib": 1, "python": "-"}
+    results: dict[str, Any] = {
+        "latency": [base | row for base, row in rows],
+        "mode": "full",
+        "wall_seconds": 1.0,
+        "machine": machine | {"postgres": "-", "kafka": "-", "redis": "-"},
+    }
+    results["targets"] = evaluate_targets(results)
+    targets = {t["target"]: t for t in results["targets"]}
+    low = targets["kafka at 100/s: p99 <= 3 ms"]
+    assert (low["status"], low["note"]) == ("MISSED", f"{FLOOR}: p50 0.8 ms, p99 1.2 ms")
+    high = targets["kafka at 1,000/s: p50 <= 8 ms, p99 <= 5 ms"]
+    assert (high["status"], high["note"]) == ("met", f"{FLOOR}: p50 0.7 ms, p99 2.1 ms")
+    text = markdown(results)
+    assert "| outbox | 100 | 1.4 / 3.3 | 0.4 / 2.0 | 1.0 / 1.9 | 0.8 / 1.2 |" in text
+    assert f"| {FLOOR} | kafka | 1,000 | 1,000 | 0.7 |" in text  # no COMMIT for the floor
