@@ -1,7 +1,9 @@
-"""Subprocesses (relays, writers) and what they cost: CPU seconds, peak RSS, server CPU."""
+"""Subprocesses (relays, writers) and what they cost: CPU seconds, peak RSS, server CPU, and
+the CPU of each part of a latency run."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -9,10 +11,13 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import psutil
 
 from bench.infra import REPO, Services, poll
+from bench.writer import WRITER_APP
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -154,3 +159,66 @@ class ServerCpu:
         for pid, (server, cpu) in self._sample().items():
             used[server] += cpu - self._before.get(pid, 0.0)
         return {k: round(v, 2) for k, v in used.items()}
+
+
+class CpuByRole:
+    """CPU seconds each part of a latency run used in a window: the relay (or faststream-outbox)
+    and writer processes, the Postgres backends serving each (the writers' by their
+    `application_name`, every other client backend the relay's), Postgres's own processes,
+    the broker, and this process (the consumer); and how busy the whole machine was."""
+
+    RELAY, WRITERS, CONSUMER = "relay", "writers", "consumer (harness)"
+    PG_RELAY, PG_WRITERS, PG_OTHER = "postgres for the relay", "postgres for writers", "postgres"
+
+    def __init__(self, dsn: str, relay: Proc | None, writers: Sequence[Proc]) -> None:
+        self._dsn = dsn
+        self._procs = {os.getpid(): self.CONSUMER, **{w.pid: self.WRITERS for w in writers}}
+        if relay is not None:
+            self._procs[relay.pid] = self.RELAY
+
+    async def measure(self, start_in: float, seconds: float) -> dict[str, Any]:
+        """Seconds per role from `start_in` seconds from now for `seconds` (a window that ends
+        while the writers still run: their processes and sessions must be there to be read),
+        and the machine's busy share of its cores."""
+        await asyncio.sleep(start_in)
+        conn = await asyncpg.connect(self._dsn)
+        try:
+            before, machine = await self._sample(conn), psutil.cpu_times()
+            await asyncio.sleep(seconds)
+            after, machine_after = await self._sample(conn), psutil.cpu_times()
+        finally:
+            await conn.close()
+        used: dict[str, float] = {}
+        for pid, (role, cpu) in after.items():
+            used[role] = used.get(role, 0.0) + cpu - before.get(pid, (role, cpu))[1]
+        total = sum(machine_after) - sum(machine)
+        busy = 1 - (machine_after.idle - machine.idle) / total if total else 0.0
+        return {
+            "window_s": seconds,
+            "cpu_seconds": {k: round(v, 3) for k, v in sorted(used.items())},
+            "machine_busy_pct": round(busy * 100, 1),
+        }
+
+    async def _sample(self, conn: asyncpg.Connection) -> dict[int, tuple[str, float]]:
+        rows = await conn.fetch(
+            "SELECT pid, application_name, backend_type FROM pg_stat_activity "
+            "WHERE pid <> pg_backend_pid()"
+        )
+        backends = {
+            r["pid"]: self.PG_WRITERS
+            if r["application_name"] == WRITER_APP
+            else self.PG_RELAY
+            if r["backend_type"] == "client backend"
+            else self.PG_OTHER
+            for r in rows
+        }
+        own = conn.get_server_pid()
+        out: dict[int, tuple[str, float]] = {}
+        for proc in psutil.process_iter():
+            role = self._procs.get(proc.pid) or backends.get(proc.pid) or _server_of(proc)
+            if role is None or proc.pid == own:
+                continue
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                t = proc.cpu_times()
+                out[proc.pid] = (role, float(t.user + t.system))
+        return out

@@ -203,6 +203,8 @@ def evaluate_targets(results: Result) -> list[Result]:
             floor = _floor_note(results, broker, row["target_rate"])
             note += "; " if note and floor else ""
             note += floor
+            if row.get("machine_busy_pct") is not None:
+                note += f"; machine {row['machine_busy_pct']:.0f} % busy"
             out.append(
                 _target(
                     f"{broker} at {t.latency_rate:,}/s: "
@@ -612,6 +614,7 @@ def markdown(results: Result) -> str:
             ],
         )
         lines += _broker_split(_ok(latency))
+        lines += _latency_cpu(_ok(latency))
         lines += _errors(latency, "latency")
     for o in results.get("overhead", []):
         if "error" in o:
@@ -878,6 +881,46 @@ def _broker_split(rows: list[Result]) -> list[str]:
                     _p50_p99(floors.get(r["target_rate"])),
                 ]
                 for r in split
+            ],
+        ),
+    ]
+
+
+#: The parts of a latency run whose CPU is shown, in the order of an event's path.
+CPU_ROLES = (
+    "writers",
+    "postgres for writers",
+    "relay",
+    "postgres for the relay",
+    "postgres",
+    "kafka",
+    "redis",
+    "consumer (harness)",
+)
+
+
+def _latency_cpu(rows: list[Result]) -> list[str]:
+    """CPU per event of each part of the machine, in the measured window of each run."""
+    shown = [r for r in rows if r.get("cpu_us_per_event")]
+    if not shown:
+        return []
+    return [
+        "CPU per event committed, in us, of each part of the machine over each run's measured"
+        ' window ("postgres for ...": the backends serving it, by `application_name`;'
+        ' "postgres": its own processes), and how busy the machine\'s cores were: the'
+        " writers stand in for the application, whose CPU the relay shares.",
+        "",
+        *_table(
+            ["system", "broker", "target/s", "machine busy %", *CPU_ROLES],
+            [
+                [
+                    r["system"],
+                    r["broker"],
+                    _fmt(r["target_rate"]),
+                    _fmt(r.get("machine_busy_pct"), 0),
+                    *(_fmt(r["cpu_us_per_event"].get(role)) for role in CPU_ROLES),
+                ]
+                for r in shown
             ],
         ),
     ]

@@ -27,7 +27,7 @@ from bench import faststream_runner, naive_relay
 from bench.brokers import Broker, BrokerOps, Receiver
 from bench.config import FLOOR, BenchConfig
 from bench.infra import Databases, Services, is_empty, poll, table_stats
-from bench.procs import Proc, module_argv, relay_argv
+from bench.procs import CpuByRole, Proc, module_argv, relay_argv
 from bench.seed import seed_faststream, seed_outbox, seed_waiting
 from outbox.envelope import MODES, EnvelopeMode
 from outbox.relay.factory import build_relay
@@ -1034,6 +1034,7 @@ async def _latency(
         receiver = Receiver(ctx.services, broker, topic)
         consumer = asyncio.create_task(receiver.run())
         relay: Proc | None = None
+        measuring: asyncio.Task[Result] | None = None
         writer_mode = f"{mode}-sql" if cfg.latency_writer == "sql" else mode
         if quiet:
             writer_mode += "-nonotify"
@@ -1054,7 +1055,13 @@ async def _latency(
                 relay = await start_relay(ctx, url, broker, f"lat-{uuid.uuid4().hex[:6]}", *polling)
             else:
                 relay = await start_faststream(ctx, url, broker, topic)
+            cpu = CpuByRole(asyncpg_dsn(url), relay, [proc for proc, _ in writers])
+            margin = min(0.5, cfg.latency_seconds / 10)  # the window ends before the writers
+            measuring = asyncio.create_task(
+                cpu.measure(cfg.latency_lead_in + margin, cfg.latency_seconds - 2 * margin)
+            )
             outputs = await collect_writers(writers, cfg.latency_lead_in + cfg.latency_seconds + 60)
+            used = await measuring
             commits: dict[str, list[float]] = {}
             for o in outputs:
                 commits.update(o["commits"])
@@ -1065,6 +1072,8 @@ async def _latency(
             with contextlib.suppress(TimeoutError):
                 await poll(all_received, 0.05, 15)
         finally:
+            if measuring is not None and not measuring.done():
+                measuring.cancel()
             receiver.stop()
             await asyncio.gather(consumer, return_exceptions=True)
             if relay is not None:
@@ -1077,10 +1086,11 @@ async def _latency(
     from_sent = _latency_summary([got[k] - commits[k][0] for k in got])  # an upper bound
     started = min(o["started"] for o in outputs)
     ended = max(o["ended"] for o in outputs)
+    achieved = rate(len(commits), ended - started)
     ordered = sorted(v * 1000 for v in lat)
     return {
         "writer": writer_mode,
-        "achieved_rate": rate(len(commits), ended - started),
+        "achieved_rate": achieved,
         "writer_processes": len(outputs),
         "committed": len(commits),
         "received": len(lat),
@@ -1091,6 +1101,11 @@ async def _latency(
         **_latency_summary(lat),
         "from_commit_sent": from_sent,
         **_split_at_the_broker(commits, receiver),
+        "machine_busy_pct": used["machine_busy_pct"],
+        "cpu_us_per_event": {
+            role: round(seconds / max(1.0, used["window_s"] * achieved) * 1e6)
+            for role, seconds in used["cpu_seconds"].items()
+        },
         "cdf_ms": cdf_points(ordered),
         "dirty_pages_flush_s": round(flush_seconds, 2),
     }

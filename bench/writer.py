@@ -189,8 +189,11 @@ def sql_extra(mode: str, topic: str, keys: int) -> SqlExtra:
     }[mode]
 
 
-#: The `-nonotify` modes write through connections with the trigger's notification turned off.
-QUIET = {"server_settings": {"outbox.notify": "off"}}
+#: The writers' sessions, by name (the latency runs count their backends' CPU apart); the
+#: `-nonotify` modes' also have the trigger's notification turned off.
+WRITER_APP = "bench-writer"
+NAMED = {"server_settings": {"application_name": WRITER_APP}}
+QUIET = {"server_settings": {"application_name": WRITER_APP, "outbox.notify": "off"}}
 
 
 async def write(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -203,7 +206,7 @@ async def write(args: argparse.Namespace) -> list[dict[str, Any]]:
             min_size=args.concurrency,
             max_size=args.concurrency,
             reset=keep_session,  # as SQLAlchemy's pool: a rollback if needed, no reset query
-            **({} if notify else QUIET),
+            **(NAMED if notify else QUIET),
         )
         for sql, notify in needs
         if sql
@@ -213,7 +216,7 @@ async def write(args: argparse.Namespace) -> list[dict[str, Any]]:
             sqlalchemy_async_url(args.database_url),
             pool_size=args.concurrency,
             max_overflow=0,
-            connect_args={} if notify else QUIET,
+            connect_args=NAMED if notify else QUIET,
         )
         for sql, notify in needs
         if not sql
