@@ -190,6 +190,8 @@ class Targets:
     naive_ratio: float = 1.5
     lean_ratio: float = 0.85
     faststream_ratio: float = 5.0
+    #: The most relays of the scale-out vs one relay, with 0 order violations (issue 15).
+    scale_ratio: float = 1.6
     #: Commit -> consumer at `latency_rate` events/s (issue 15: p99 <= 5 ms on both brokers).
     latency_rate: int = 1_000
     p50_ms: float = 8.0
