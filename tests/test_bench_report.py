@@ -35,7 +35,7 @@ def test_drain_cpu_is_the_runs_share_of_the_machine_and_its_ceiling() -> None:
 
 
 def test_the_scale_out_target_says_what_the_cores_allow() -> None:
-    results = {
+    results: dict[str, Any] = {
         "machine": {"cpu_count": 2},
         "scaleout": [scale_row(1, 100_000, 0.6, 0.4), scale_row(4, 90_000, 0.9, 0.8)],
     }
