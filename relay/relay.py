@@ -75,6 +75,12 @@ SPREAD_EVENTS_PER_TOPIC = 4
 SPREAD_TARGET_PER_TOPIC = 50
 SPREAD_GROWTH = 100
 MAX_CLAIM = 50_000
+#: Seconds the deletes of a batch that was all delivered, from a claim that was not full (the
+#: relay keeps up), wait for those of the next batches, to go to Postgres as one statement. At
+#: 1,000 events/s a claim holds one event: a delete each cost a round trip, the relay's CPU
+#: and its backend's (docs/benchmarks.md). Claims meanwhile leave them out; stopping, a claim
+#: that comes back empty or one that cannot run beside them ends the wait at once.
+SETTLE_LINGER = 0.005
 
 
 class Relay:
@@ -93,6 +99,7 @@ class Relay:
         backlog_interval: float = 5.0,
         rand: Callable[[], float] = random.random,
         record_positions: bool = False,
+        settle_linger: float = SETTLE_LINGER,
     ) -> None:
         self.store = store
         self.publisher = publisher
@@ -113,6 +120,7 @@ class Relay:
         #: Counts for Prometheus (relay/metrics.py); kept whether or not anything scrapes.
         self.metrics = RelayMetrics()
         self.backlog_interval = backlog_interval
+        self.settle_linger = settle_linger
         self._rand = rand
         self._breaker = CircuitBreaker(rand=rand)
         self._wake = asyncio.Event()
@@ -368,9 +376,16 @@ class Relay:
                         plan.dead.extend(parked)
                         held += plan.pending(batch)
                         pipe.gate.close_all(plan.gate)
-                        await pipe.finish_settling()
-                        pipe.settle(batch, parked, self._settle(plan, len(parked), where))
-                        pipe.settling_clean = len(plan.delivered) == len(batch) and not parked
+                        clean = len(plan.delivered) == len(batch) and not parked
+                        linger = self.settle_linger if clean and not claim.full else 0.0
+                        if not (linger and pipe.join_lingering(plan.delivered, where)):
+                            await pipe.finish_settling()
+                            work = self._settle(plan, len(parked), where)
+                            if linger:
+                                pipe.settle_after(linger, batch, work, plan, where)
+                            else:
+                                pipe.settle(batch, parked, work)
+                            pipe.settling_clean = clean
                         if plan.broker_refusal is not None:
                             await pipe.drop_prefetch()
                             await self._broker_down(str(plan.broker_refusal), len(batch))
@@ -549,6 +564,11 @@ class _Pipeline:
         #: Seqs the gate left out since the last fresh claim: later prefetches skip them too
         #: (else a prefetch chain could claim and drop them again and again).
         self.passed_over: list[int] = []
+        #: The plan of the settle that waits for more deliveries (`settle(lingering=...)`),
+        #: and where the broker stored them; `_flush` ends the wait.
+        self._lingering: Settlement | None = None
+        self._lingering_where: dict[int, Position] | None = None
+        self._flush = asyncio.Event()
 
     def pass_over(self, claim: Claim, admitted: int) -> None:
         if admitted < len(claim):
@@ -566,6 +586,44 @@ class _Pipeline:
         self.settling = asyncio.create_task(work)
         self.settling_seqs = [e.seq for e in batch] + [d.seq for d in parked]
 
+    def settle_after(
+        self,
+        linger: float,
+        batch: Sequence[Envelope],
+        work: Coroutine[Any, Any, None],
+        plan: Settlement,
+        where: dict[int, Position] | None,
+    ) -> None:
+        """Run `work`, the settle of a batch that was all delivered (`plan`), after up to
+        `linger` seconds, with the deliveries `join_lingering` adds to its plan meanwhile."""
+        self._lingering, self._lingering_where = plan, where
+        self._flush.clear()
+        self.settling = asyncio.create_task(self._after_linger(linger, work))
+        self.settling_seqs = [e.seq for e in batch]
+
+    def join_lingering(self, delivered: list[int], where: dict[int, Position] | None) -> bool:
+        """Add a batch that was all delivered to the settle still waiting, if there is one."""
+        plan, into = self._lingering, self._lingering_where
+        if plan is None or (where is None) != (into is None):
+            return False
+        plan.delivered += delivered
+        self.settling_seqs += delivered
+        if into is not None and where is not None:
+            into.update(where)
+        return True
+
+    async def _after_linger(self, seconds: float, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self._flush.wait()
+        except BaseException:  # cancelled: the settle never runs
+            work.close()
+            raise
+        finally:
+            self._lingering = self._lingering_where = None
+        await work
+
     def can_claim_beside(self) -> bool:
         """Whether a claim that leaves out the seqs being settled is as good as a fresh one:
         the settle is still running, its batch was all delivered (its seqs are only being
@@ -582,6 +640,7 @@ class _Pipeline:
     async def finish_settling(self) -> None:
         task, self.settling = self.settling, None
         self.settling_seqs = []
+        self._flush.set()
         if task is not None:
             await task  # its errors (StoreUnavailableError) surface in the loop
 
@@ -595,6 +654,7 @@ class _Pipeline:
         await self.drop_prefetch()
         task, self.settling = self.settling, None
         self.settling_seqs = []
+        self._flush.set()
         self.gate.clear()
         self.passed_over.clear()
         if task is not None:

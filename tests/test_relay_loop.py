@@ -686,6 +686,66 @@ async def test_a_claim_runs_beside_a_settle_only_if_that_batch_was_all_delivered
     assert not pipe.can_claim_beside()  # settled: a fresh claim instead
 
 
+# -- low rates: the deletes of batches one after another go as one statement ------------------
+
+
+class NotesDeletes(TrackedSqliteStore):
+    """Notes the seqs of every delete statement."""
+
+    def __init__(self, db: OutboxDb) -> None:
+        super().__init__(db.url, clock=db.clock)
+        self.deletes: list[list[int]] = []
+        self.excluded: list[list[int]] = []
+
+    async def claim(self, limit: int, exclude: Sequence[int] = (), after: int = 0) -> Claim:
+        self.excluded.append(list(exclude))
+        return await super().claim(limit, exclude, after)
+
+    async def mark_delivered(
+        self, seqs: Sequence[int], positions: Sequence[Position | None] = ()
+    ) -> int:
+        self.deletes.append(list(seqs))
+        return await super().mark_delivered(seqs, positions)
+
+
+async def test_the_deletes_of_batches_one_after_another_go_as_one_statement(
+    db: OutboxDb,
+) -> None:
+    """At a low rate each claim holds an event or two: their deletes wait up to
+    `settle_linger` for the next batches' (claims leave them out meanwhile), and the claim
+    that comes back empty ends the wait."""
+    first = await db.add(key="a")
+    store = NotesDeletes(db)
+    recorder = SignalsSecondPublish(db)  # commits the second event while the first goes out
+    relay = make_relay(store, recorder, poll_interval=60.0, settle_linger=60.0)
+    task = asyncio.create_task(relay.run())
+    await relay.wait_for(lambda s: s.delivered == 2 and s.idle, timeout=5)
+    (second,) = recorder.added
+    assert store.deletes == [[first.seq, second.seq]]
+    assert store.excluded[-1] == [first.seq, second.seq]  # the empty claim left both out
+    relay.request_stop()
+    await task
+    assert await db.pending() == []
+    assert [e.seq for e in recorder.published] == [first.seq, second.seq]
+
+
+async def test_stopping_deletes_what_waits_to_be_deleted_at_once(db: OutboxDb) -> None:
+    event = await db.add(key="a")
+    store = NotesDeletes(db)
+    relay: Relay | None = None
+
+    class StopsWhilePublishing(RecordingPublisher):
+        async def publish(self, batch: Sequence[Envelope]) -> list[PublishResult]:
+            assert relay is not None
+            relay.request_stop()  # SIGTERM as the batch goes out
+            return await super().publish(batch)
+
+    relay = make_relay(store, StopsWhilePublishing(), poll_interval=60.0, settle_linger=60.0)
+    await asyncio.wait_for(relay.run(), 5)  # not 60 s: stopping ends the wait
+    assert store.deletes == [[event.seq]]
+    assert await db.pending() == []
+
+
 # -- many topics: a claim grows while its events spread over many topics -----------------------
 class LimitsSqliteStore(TrackedSqliteStore):
     """Notes the size of every claim the relay asks for."""
