@@ -22,6 +22,24 @@ def _ok(rows: Iterable[Result]) -> list[Result]:
     return [r for r in rows if "error" not in r]
 
 
+def _signed(value: float, unit: str = "%") -> str:
+    """A change with its one sign: +21.4 %, -8.6 % (a negative value read "+-8.6 %")."""
+    return f"{'+' if value >= 0 else ''}{value} {unit}"
+
+
+def _overhead(ran: Result) -> str:
+    """What the outbox row added: latency, then throughput (a loss is negative)."""
+    return f"{_signed(ran['added_latency_pct'])} / {_signed(-ran['throughput_loss_pct'])}"
+
+
+def _added(ran: Result) -> str:
+    return (
+        f"latency {_signed(ran['added_latency_pct'])} (p50 {_signed(ran['added_p50_ms'], 'ms')}),"
+        f" throughput {_signed(-ran['throughput_loss_pct'])},"
+        f" writer CPU {_signed(ran['added_cpu_ms_per_tx'], 'ms')}"
+    )
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -237,19 +255,16 @@ def evaluate_targets(results: Result) -> list[Result]:
         checkout, order = over[0]["checkout"], over[0]["order"]
         fast = checkout["enqueue"]
 
-        def figures(ran: Result) -> str:
-            return f"+{ran['added_latency_pct']} % / -{ran['throughput_loss_pct']} %"
-
         out.append(
             _target(
                 name,
-                f"+{fast['added_latency_pct']} % latency, "
-                f"-{fast['throughput_loss_pct']} % throughput",
+                f"{_signed(fast['added_latency_pct'])} latency, "
+                f"{_signed(-fast['throughput_loss_pct'])} throughput",
                 max(fast["added_latency_pct"], fast["throughput_loss_pct"])
                 <= t.writer_overhead_pct,
-                f"checkout with `session.add(OutboxEvent)`: {figures(checkout['outbox'])}; "
-                f"one-row transaction: `enqueue` {figures(order['enqueue'])}, "
-                f"`session.add` {figures(order['outbox'])}",
+                f"checkout with `session.add(OutboxEvent)`: {_overhead(checkout['outbox'])}; "
+                f"one-row transaction: `enqueue` {_overhead(order['enqueue'])}, "
+                f"`session.add` {_overhead(order['outbox'])}",
             )
         )
     else:
@@ -480,9 +495,7 @@ def _overhead_table(block: dict[str, Any]) -> list[str]:
                 _fmt(block[mode]["p99_ms"], 2),
                 _fmt(block[mode]["writer_cpu_ms_per_tx"], 3),
                 _fmt(block[mode]["writer_cpu_pct"], 0),
-                f"+{block[mode]['added_latency_pct']} % / -{block[mode]['throughput_loss_pct']} %"
-                if "added_latency_pct" in block[mode]
-                else "-",
+                _overhead(block[mode]) if "added_latency_pct" in block[mode] else "-",
             ]
             for mode in modes
         ],
@@ -632,12 +645,8 @@ def markdown(results: Result) -> str:
             lines += _overhead_table(o[business])
             ran, fast = o[business]["outbox"], o[business]["enqueue"]
             lines += [
-                f"`session.add(OutboxEvent(...))`: latency +{ran['added_latency_pct']} % (p50 "
-                f"+{ran['added_p50_ms']} ms), throughput -{ran['throughput_loss_pct']} %, "
-                f"writer CPU +{ran['added_cpu_ms_per_tx']} ms per transaction. "
-                f"`await enqueue(session, ...)`: latency +{fast['added_latency_pct']} % (p50 "
-                f"+{fast['added_p50_ms']} ms), throughput -{fast['throughput_loss_pct']} %, "
-                f"writer CPU +{fast['added_cpu_ms_per_tx']} ms. {o['concurrency']} concurrent "
+                f"`session.add(OutboxEvent(...))`: {_added(ran)} per transaction. "
+                f"`await enqueue(session, ...)`: {_added(fast)}. {o['concurrency']} concurrent "
                 "writers in one process, closed loop, no relay.",
                 "",
             ]

@@ -594,18 +594,32 @@ async def test_the_store_failing_while_a_settle_finishes_is_an_outage_not_a_cras
 # -- latency: the next claim runs beside the deletes of the last batch ------------------------
 
 
-class SlowDeletes(TrackedSqliteStore):
-    """Holds every delete until the test releases it; notes what each claim left out."""
+class NotesDeletes(TrackedSqliteStore):
+    """Notes what each claim left out and the seqs of every delete statement."""
 
     def __init__(self, db: OutboxDb) -> None:
         super().__init__(db.url, clock=db.clock)
-        self.deleting = asyncio.Event()
-        self.release = asyncio.Event()
         self.excluded: list[list[int]] = []
+        self.deletes: list[list[int]] = []
 
     async def claim(self, limit: int, exclude: Sequence[int] = (), after: int = 0) -> Claim:
         self.excluded.append(list(exclude))
         return await super().claim(limit, exclude, after)
+
+    async def mark_delivered(
+        self, seqs: Sequence[int], positions: Sequence[Position | None] = ()
+    ) -> int:
+        self.deletes.append(list(seqs))
+        return await super().mark_delivered(seqs, positions)
+
+
+class SlowDeletes(NotesDeletes):
+    """Holds every delete until the test releases it."""
+
+    def __init__(self, db: OutboxDb) -> None:
+        super().__init__(db)
+        self.deleting = asyncio.Event()
+        self.release = asyncio.Event()
 
     async def mark_delivered(
         self, seqs: Sequence[int], positions: Sequence[Position | None] = ()
@@ -687,25 +701,6 @@ async def test_a_claim_runs_beside_a_settle_only_if_that_batch_was_all_delivered
 
 
 # -- low rates: the deletes of batches one after another go as one statement ------------------
-
-
-class NotesDeletes(TrackedSqliteStore):
-    """Notes the seqs of every delete statement."""
-
-    def __init__(self, db: OutboxDb) -> None:
-        super().__init__(db.url, clock=db.clock)
-        self.deletes: list[list[int]] = []
-        self.excluded: list[list[int]] = []
-
-    async def claim(self, limit: int, exclude: Sequence[int] = (), after: int = 0) -> Claim:
-        self.excluded.append(list(exclude))
-        return await super().claim(limit, exclude, after)
-
-    async def mark_delivered(
-        self, seqs: Sequence[int], positions: Sequence[Position | None] = ()
-    ) -> int:
-        self.deletes.append(list(seqs))
-        return await super().mark_delivered(seqs, positions)
 
 
 async def test_the_deletes_of_batches_one_after_another_go_as_one_statement(
