@@ -564,7 +564,7 @@ class _Pipeline:
         #: Seqs the gate left out since the last fresh claim: later prefetches skip them too
         #: (else a prefetch chain could claim and drop them again and again).
         self.passed_over: list[int] = []
-        #: The plan of the settle that waits for more deliveries (`settle(lingering=...)`),
+        #: The plan of the settle that waits for more deliveries (`settle_after`),
         #: and where the broker stored them; `_flush` ends the wait.
         self._lingering: Settlement | None = None
         self._lingering_where: dict[int, Position] | None = None

@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
+from outbox import OutboxEvent
+from outbox.relay.relay import Relay
 from outbox.relay.retry import CircuitBreaker
+from outbox.relay.seams import Claim, Position
 from outbox.relay.sql import QUERIES
 from outbox.relay.stores.postgres import PostgresStore
-from outbox.urls import asyncpg_dsn
+from outbox.urls import asyncpg_dsn, sqlalchemy_async_url
 from tests.fakes import RecordingPublisher
 from tests.helpers import (
     assert_per_key_order,
@@ -217,3 +222,97 @@ async def test_a_store_call_is_one_statement_with_no_pool_reset_after_it(
     finally:
         await conn.close()
         await store.stop()
+
+
+class KillsAJoinedDelete(PostgresStore):
+    """Terminates the relay's backend in the middle of the first delete that carries the
+    events of more than one claim: the test holds a lock on one of its rows, so the statement
+    waits in Postgres, and its backend is terminated while it waits."""
+
+    def __init__(self, database_url: str) -> None:
+        super().__init__(database_url, lease_seconds=3.0)
+        self.database_url = database_url
+        self.claimed: list[set[int]] = []
+        self.killed_at: list[int] = []
+
+    async def claim(self, limit: int, exclude: Sequence[int] = (), after: int = 0) -> Claim:
+        claim = await super().claim(limit, exclude, after)
+        self.claimed.append({e.seq for e in claim.events})
+        return claim
+
+    async def mark_delivered(
+        self, seqs: Sequence[int], positions: Sequence[Position | None] = ()
+    ) -> int:
+        joined = not any(set(seqs) <= claimed for claimed in self.claimed)
+        if not joined or self.killed_at:
+            return await super().mark_delivered(seqs, positions)
+        self.killed_at = list(seqs)
+        locker = await asyncpg.connect(asyncpg_dsn(self.database_url))
+        try:
+            async with locker.transaction():
+                await locker.execute(
+                    "SELECT 1 FROM outbox_events WHERE seq = $1 FOR UPDATE", seqs[-1]
+                )
+                deleting = asyncio.create_task(super().mark_delivered(seqs, positions))
+
+                async def waiting_pid() -> int | None:
+                    pid: int | None = await locker.fetchval(
+                        "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND application_name LIKE 'outbox-relay%'"
+                    )
+                    return pid
+
+                async def blocked() -> bool:
+                    return await waiting_pid() is not None
+
+                await eventually(blocked, timeout=5, every=0.01)
+                assert await locker.fetchval("SELECT pg_terminate_backend($1)", await waiting_pid())
+                return await deleting  # raises: the connection is gone mid-statement
+        finally:
+            await locker.close()
+
+
+async def test_a_connection_dropped_under_the_deletes_that_go_together(
+    database_url: str, pg: asyncpg.Connection
+) -> None:
+    """At a low rate the deletes of several one-event batches wait for each other and go as
+    one statement (relay/relay.py, SETTLE_LINGER). The connection dropped under that statement:
+    every event of those batches is published again, nothing is dead-lettered, each key keeps
+    its order, and the relay goes on."""
+    store = KillsAJoinedDelete(database_url)
+    publisher = RecordingPublisher()
+    relay = Relay(
+        store,
+        publisher,
+        relay_id=f"test-{uuid.uuid4().hex[:6]}",
+        poll_interval=0.2,
+        lease_seconds=3.0,
+        settle_linger=0.5,
+    )
+    relay._breaker = CircuitBreaker(base_seconds=0.01, max_seconds=0.05)
+    task = asyncio.create_task(relay.run())
+    events: list[OutboxEvent] = []
+    engine = create_async_engine(sqlalchemy_async_url(database_url))
+    try:
+        await relay.wait_for(lambda s: s.owned_buckets > 0, timeout=10)
+        for n in range(2000):  # one event a transaction, until two claims' deletes go together
+            event = OutboxEvent(topic="t", key=f"key-{n % 4}", payload={"n": n})
+            async with AsyncSession(engine, expire_on_commit=False) as session, session.begin():
+                session.add(event)
+            events.append(event)
+            if store.killed_at:
+                break
+        assert store.killed_at, "no delete carried two claims' events"
+        await relay.wait_for(lambda s: s.idle and s.delivered >= len(events), timeout=30)
+    finally:
+        relay.request_stop()
+        await engine.dispose()
+        await task  # raises if the relay crashed
+    assert relay.stats.store_failures >= 1
+    assert relay.stats.dead_lettered == 0
+    assert not await pg.fetchval("SELECT count(*) FROM outbox_dead_letters")
+    assert not await pg.fetchval("SELECT count(*) FROM outbox_events")
+    published = [e.seq for e in publisher.published]
+    assert all(published.count(seq) >= 2 for seq in store.killed_at)  # sent again
+    assert {e.id for e in publisher.published} == {e.id for e in events}
+    assert_per_key_order(first_seen_order(publisher.published))
