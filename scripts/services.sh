@@ -563,7 +563,7 @@ kafka_format_storage() {
   cid="$(kafka_java kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n1 | tr -d '[:space:]')"
   [[ "$cid" =~ ^[A-Za-z0-9_-]{22}$ ]] || die "kafka: could not generate a cluster id (got '$cid')"
   log "kafka: formatting $KAFKA_DATA (cluster id $cid)"
-  if ! kafka_java kafka.tools.StorageTool format --standalone -t "$cid" \
+  if ! kafka_java kafka.tools.StorageTool format --standalone --cluster-id="$cid" \
     -c "$KAFKA_CONF/server.properties" >"$KAFKA_LOGDIR/format.log" 2>&1; then
     show_log "$KAFKA_LOGDIR/format.log"
     die "kafka storage format failed"

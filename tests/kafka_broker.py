@@ -87,8 +87,12 @@ class KafkaBroker:
         settings: Mapping[str, str] | None = None,
         listeners: Mapping[str, int] | None = None,
         scram: Sequence[str] = (),
+        cluster_id: str | None = None,
     ) -> None:
         self.port = port
+        self.cluster_id = (
+            cluster_id or base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        )
         self.controller_port = port + 1
         self.listeners = dict(listeners or {})
         self._scram = list(scram)
@@ -114,9 +118,10 @@ class KafkaBroker:
         for p in (self.port, self.controller_port, *self.listeners.values()):
             if port_open(p):
                 raise RuntimeError(f"port {p} is taken: not starting the test broker there")
-        self._write_config()
         if not (self.data / "meta.properties").exists():
-            self._format()
+            self.format_storage()
+        else:
+            self._write_config()
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.out, "ab") as out:
             self._proc = subprocess.Popen(
@@ -242,8 +247,9 @@ class KafkaBroker:
             "logger.started.level = INFO\n"
         )
 
-    def _format(self) -> None:
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    def format_storage(self) -> None:
+        """Write the config and format the data dir with `cluster_id`."""
+        self._write_config()
         done = subprocess.run(
             [
                 "java",
@@ -256,8 +262,7 @@ class KafkaBroker:
                 "kafka.tools.StorageTool",
                 "format",
                 "--standalone",
-                "-t",
-                cluster_id,
+                f"--cluster-id={self.cluster_id}",  # "=": an id may start with "-"
                 "-c",
                 str(self.dir / "server.properties"),
                 *(arg for credential in self._scram for arg in ("--add-scram", credential)),
