@@ -11,6 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from outbox import OutboxEvent
@@ -315,4 +316,47 @@ async def test_a_connection_dropped_under_the_deletes_that_go_together(
     published = [e.seq for e in publisher.published]
     assert all(published.count(seq) >= 2 for seq in store.killed_at)  # sent again
     assert {e.id for e in publisher.published} == {e.id for e in events}
+    assert_per_key_order(first_seen_order(publisher.published))
+
+
+async def test_a_database_that_refuses_writes_is_an_outage_and_its_connections_are_replaced(
+    database_url: str, pg: asyncpg.Connection
+) -> None:
+    """The server refuses the relay's writes (SQLSTATE 25006, read_only_sql_transaction), as
+    the connections still open to a primary that a failover turned into a standby do, or a
+    managed Postgres put in read-only mode when its disk fills. Here the database's
+    `default_transaction_read_only` is turned on, and the relay's connections are dropped, so
+    the ones it opens again refuse every write, for as long as they live. The relay backs off
+    without crashing, and replaces those connections: once writes are accepted again, it goes
+    on, with nothing lost or dead-lettered and the order of each key kept."""
+    dbname = database_url.rsplit("/", 1)[1]
+    before = keyed_events("t", keys=5, per_key=10)
+    after = keyed_events("t", keys=5, per_key=10)
+    await commit_events(database_url, before)
+    publisher = RecordingPublisher()
+    relay = pg_relay(database_url, publisher, batch_size=10)
+    task = asyncio.create_task(relay.run())
+    with structlog.testing.capture_logs() as logged:
+        try:
+            await relay.wait_for(lambda s: s.delivered == len(before), timeout=30)
+            await pg.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = on')
+            for row in await pg.fetch(RELAY_BACKENDS, dbname):
+                await pg.execute("SELECT pg_terminate_backend($1)", row["pid"])
+
+            def refused() -> int:
+                return sum(
+                    e["event"] == "store_unavailable" and "read-only" in e["error"] for e in logged
+                )
+
+            await relay.wait_for(lambda _: refused() >= 2, timeout=30)
+            await pg.execute(f'ALTER DATABASE "{dbname}" RESET default_transaction_read_only')
+            await commit_events(database_url, after)
+            await relay.wait_for(lambda s: s.delivered == len(before) + len(after), timeout=30)
+        finally:
+            await pg.execute(f'ALTER DATABASE "{dbname}" RESET default_transaction_read_only')
+            relay.request_stop()
+            await task  # raises if the relay crashed
+    assert not await pg.fetchval("SELECT count(*) FROM outbox_events")
+    assert not await pg.fetchval("SELECT count(*) FROM outbox_dead_letters")
+    assert {e.id for e in publisher.published} == {e.id for e in [*before, *after]}
     assert_per_key_order(first_seen_order(publisher.published))

@@ -38,7 +38,7 @@ NOTIFY_CHANNEL = "outbox_events"
 #: backs off and tries again. Connections dropped, refused or closed mid-query (asyncpg then
 #: sometimes raises InternalClientError "cannot switch to state", a known asyncpg issue), a
 #: statement timeout or a cancel, a shutdown, the connection limit, out of memory or disk,
-#: a deadlock or serialization failure, a lock timeout.
+#: a deadlock or serialization failure, a lock timeout, a server that refuses writes (below).
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -49,6 +49,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.TransactionRollbackError,
     asyncpg.exceptions.LockNotAvailableError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
 )
 
 
@@ -241,8 +242,18 @@ class PostgresStore:
         try:
             result: str = await self.pool.execute(QUERIES[query], *args)
         except CONNECTION_ERRORS as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+            raise await self._outage(exc) from exc
         return result
+
+    async def _outage(self, exc: BaseException) -> StoreUnavailableError:
+        """What a store call raises for one of CONNECTION_ERRORS. A server that refused a
+        write (SQLSTATE 25006: a standby, as the old primary is after a failover, or a primary
+        in read-only mode) refuses every write on these connections for as long as they live:
+        they are replaced at their next use, which reaches the new primary (through DNS, a
+        proxy or a multi-host URL) or this server once it accepts writes again."""
+        if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError) and self._pool:
+            await self._pool.expire_connections()
+        return StoreUnavailableError(str(exc))
 
     def horizon(self) -> int:
         return self._horizon.safe
@@ -287,7 +298,7 @@ class PostgresStore:
                 after,
             )
         except CONNECTION_ERRORS as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+            raise await self._outage(exc) from exc
         # Positional, in the claim's column order: a sixth of the relay's CPU went here.
         claim = Claim(
             [
@@ -504,7 +515,7 @@ class PostgresStore:
                 await conn.execute(QUERIES["forget_dead_relays"])
                 return len(owned)
         except CONNECTION_ERRORS as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+            raise await self._outage(exc) from exc
 
     def on_new_events(self, wake: Callable[[], None]) -> None:
         self._wake = wake
