@@ -62,7 +62,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 env_lines() {
   cat <<EOF
-export OUTBOX_DATABASE_URL=postgresql://outbox:outbox@127.0.0.1:$PG_PORT/outbox
+export OUTBOX_DATABASE_URL=postgresql://outbox:outbox-dev@127.0.0.1:$PG_PORT/outbox
 export OUTBOX_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT
 export OUTBOX_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0
 EOF
@@ -260,7 +260,7 @@ pg_wait_ready() {
     sleep 0.5
   done
   local out
-  until out="$(PGPASSWORD=outbox PGCONNECT_TIMEOUT=5 psql -h 127.0.0.1 -p "$PG_PORT" -U outbox -d outbox -XAtqc 'select 1' 2>&1)" && [[ "$out" == 1 ]]; do
+  until out="$(PGPASSWORD=outbox-dev PGCONNECT_TIMEOUT=5 psql -h 127.0.0.1 -p "$PG_PORT" -U outbox -d outbox -XAtqc 'select 1' 2>&1)" && [[ "$out" == 1 ]]; do
     if ((SECONDS >= deadline)); then
       show_log "$PG_LOG"
       die "postgres is up but 'select 1' as outbox failed: $out"
@@ -276,9 +276,9 @@ pg_bootstrap_roles() {
 DO $$
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'outbox') THEN
-    CREATE ROLE outbox LOGIN SUPERUSER PASSWORD 'outbox';
+    CREATE ROLE outbox LOGIN SUPERUSER PASSWORD 'outbox-dev';
   ELSE
-    ALTER ROLE outbox LOGIN SUPERUSER PASSWORD 'outbox';
+    ALTER ROLE outbox LOGIN SUPERUSER PASSWORD 'outbox-dev';
   END IF;
 END
 $$;
@@ -294,6 +294,7 @@ start_postgres() {
   ensure_pg_installed
   if pg_running; then
     log "postgres: already running (127.0.0.1:$PG_PORT)"
+    pg_bootstrap_roles # idempotent: a data dir of an older checkout gets today's password
     pg_wait_ready "$t0"
     return 0
   fi

@@ -117,6 +117,20 @@ async def test_migrate_says_which_revision_it_is_at(empty_database_url: str) -> 
 
 
 @pytest.mark.postgres
+async def test_a_newcomer_who_forgot_to_migrate_reads_the_hint_in_full(
+    empty_database_url: str,
+) -> None:
+    """Tried as a new user would, on the URL of scripts/services.sh and docker-compose.yml:
+    their password was `outbox`, and the relay masks its passwords wherever they show up, so
+    every `outbox` of this hint was masked (`no *** tables ...: run `***-relay migrate``)."""
+    done = await asyncio.to_thread(cli, "status", OUTBOX_DATABASE_URL=empty_database_url)
+    assert done.returncode != 0
+    assert done.stderr == (
+        "outbox-relay: error: no outbox tables in this database: run `outbox-relay migrate`\n"
+    )
+
+
+@pytest.mark.postgres
 async def test_dlq_list_without_dead_letters_prints_nothing(database_url: str) -> None:
     listed = await asyncio.to_thread(cli, "dlq", "list", OUTBOX_DATABASE_URL=database_url)
     assert (listed.returncode, listed.stdout, listed.stderr) == (0, "", "")

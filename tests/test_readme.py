@@ -16,7 +16,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 pytestmark = pytest.mark.postgres
 
 ROOT = Path(__file__).resolve().parent.parent
-README_URL = "outbox:outbox@127.0.0.1:5432/outbox"
+README_URL = "outbox:outbox-dev@127.0.0.1:5432/outbox"
 
 
 class AppBase(DeclarativeBase):

@@ -18,7 +18,7 @@ SCRIPT = ROOT / "scripts" / "services.sh"
 pytestmark = pytest.mark.unit
 
 ENV_LINES = (
-    "export OUTBOX_DATABASE_URL=postgresql://outbox:outbox@127.0.0.1:5432/outbox\n"
+    "export OUTBOX_DATABASE_URL=postgresql://outbox:outbox-dev@127.0.0.1:5432/outbox\n"
     "export OUTBOX_KAFKA_BOOTSTRAP=127.0.0.1:9092\n"
     "export OUTBOX_REDIS_URL=redis://127.0.0.1:6379/0\n"
 )
