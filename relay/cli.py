@@ -204,6 +204,7 @@ def main() -> None:
 @setting_option("max_batch_bytes", type=int)
 @setting_option("poll_interval", type=float)
 @setting_option("lease_seconds", type=float)
+@setting_option("database_timeout", type=float)
 @setting_option("max_attempts", type=int)
 @setting_option("poison_policy", type=click.Choice(["quarantine", "skip"]))
 @setting_option("backoff_base", type=float)

@@ -32,6 +32,7 @@ def build_store(settings: RelaySettings) -> Store:
     return PostgresStore(
         settings.database_url,
         lease_seconds=settings.lease_seconds,
+        database_timeout=settings.database_timeout,
         max_batch_bytes=settings.max_batch_bytes,
         history=settings.history == "on",
         # Delivered events are pruned only while history is kept.

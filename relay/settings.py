@@ -126,6 +126,13 @@ class RelaySettings(BaseSettings):
         1.0, gt=0, le=3600, description="longest wait in seconds between polls of an idle relay"
     )
     lease_seconds: float = Field(15.0, ge=1, le=3600, description="bucket lease length")
+    database_timeout: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="seconds a relay statement or connection attempt may go unanswered "
+        "before its connection is taken for lost",
+    )
     poison_policy: Literal["quarantine", "skip"] = Field(
         "quarantine",
         description="quarantine: a dead-lettered event parks the later events of its key "

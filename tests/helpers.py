@@ -56,11 +56,12 @@ def pg_relay(
     *,
     relay_id: str | None = None,
     lease_seconds: float = 3.0,
+    database_timeout: float = 30.0,
     batch_size: int = 100,
     retry_policy: RetryPolicy | None = None,
 ) -> Relay:
     return Relay(
-        PostgresStore(database_url, lease_seconds=lease_seconds),
+        PostgresStore(database_url, lease_seconds=lease_seconds, database_timeout=database_timeout),
         publisher,
         relay_id=relay_id or f"test-{uuid.uuid4().hex[:6]}",
         batch_size=batch_size,

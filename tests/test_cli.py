@@ -23,7 +23,9 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return outbox_cli(*args, env=environ)
 
 
-@pytest.mark.parametrize("flag", ["--backoff-max", "--shutdown-timeout", "--poll-interval"])
+@pytest.mark.parametrize(
+    "flag", ["--backoff-max", "--shutdown-timeout", "--poll-interval", "--database-timeout"]
+)
 @pytest.mark.parametrize("value", ["inf", "nan"])
 def test_infinite_or_nan_durations_are_refused(flag: str, value: str) -> None:
     run = cli("run", "--database-url", "sqlite:///x.db", flag, value)

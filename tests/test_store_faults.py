@@ -30,6 +30,7 @@ from tests.helpers import (
     keyed_events,
     pg_relay,
 )
+from tests.tcp_proxy import SilentProxy
 
 pytestmark = pytest.mark.postgres
 
@@ -360,3 +361,60 @@ async def test_a_database_that_refuses_writes_is_an_outage_and_its_connections_a
     assert not await pg.fetchval("SELECT count(*) FROM outbox_dead_letters")
     assert {e.id for e in publisher.published} == {e.id for e in [*before, *after]}
     assert_per_key_order(first_seen_order(publisher.published))
+
+
+async def test_connections_that_the_network_forgets_are_given_up_in_seconds(
+    database_url: str, pg: asyncpg.Connection
+) -> None:
+    """A firewall, NAT gateway or load balancer between the relay and Postgres forgets the
+    relay's connections (an idle timeout, a restart): their packets are dropped from then on,
+    with no FIN and no RST (tests/tcp_proxy.py). The kernel would give up on them after about
+    15 minutes of retransmissions, and the relay with them. It gives up on a statement with
+    no answer after `database_timeout` instead, opens new connections, and goes on."""
+    proxy = SilentProxy(urlsplit(database_url).port or 5432)
+    await proxy.start()
+    before = keyed_events("t", keys=5, per_key=10)
+    after = keyed_events("t", keys=5, per_key=10)
+    await commit_events(database_url, before)
+    publisher = RecordingPublisher()
+    relay = pg_relay(proxy.url(database_url), publisher, batch_size=10, database_timeout=2.0)
+    task = asyncio.create_task(relay.run())
+    try:
+        await relay.wait_for(lambda s: s.delivered == len(before), timeout=30)
+        proxy.forget()
+        await commit_events(database_url, after)  # not through the proxy
+        await relay.wait_for(lambda s: s.delivered == len(before) + len(after), timeout=30)
+    finally:
+        relay.request_stop()
+        await task  # raises if the relay crashed
+        await proxy.stop()
+    assert proxy.forgotten >= 5  # the pool's connections and the LISTEN connection
+    assert relay.stats.store_failures >= 1
+    assert not await pg.fetchval("SELECT count(*) FROM outbox_events")
+    assert {e.id for e in publisher.published} == {e.id for e in [*before, *after]}
+    assert_per_key_order(first_seen_order(publisher.published))
+
+
+async def test_a_relay_whose_connections_the_network_forgot_still_stops(
+    database_url: str,
+) -> None:
+    """Stopping writes the last deletes and gives the leases back: on connections that the
+    network forgot, each gives up after `database_timeout`, and the relay stops (what it could
+    not delete is published again by the next relay; its leases expire)."""
+    proxy = SilentProxy(urlsplit(database_url).port or 5432)
+    await proxy.start()
+    events = keyed_events("t", keys=5, per_key=10)
+    await commit_events(database_url, events)
+    relay = pg_relay(proxy.url(database_url), RecordingPublisher(), database_timeout=2.0)
+    relay.shutdown_timeout = 2.0
+    task = asyncio.create_task(relay.run())
+    try:
+        await relay.wait_for(lambda s: s.delivered == len(events), timeout=30)
+        proxy.forget()
+        relay.request_stop()
+        # the loop's last deletes and the lease release: each gives up after 2 s
+        await asyncio.wait_for(asyncio.shield(task), timeout=15)
+    finally:
+        relay.request_stop()
+        await proxy.stop()
+        await task

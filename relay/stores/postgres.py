@@ -152,6 +152,7 @@ class PostgresStore:
         database_url: str,
         *,
         lease_seconds: float = 15.0,
+        database_timeout: float = 30.0,
         pool_size: int = 4,
         listen: bool = True,
         max_batch_bytes: int = 16 * 1024 * 1024,
@@ -163,6 +164,11 @@ class PostgresStore:
         self._dsn = asyncpg_dsn(database_url)
         self._safe_url = redact(database_url)
         self.lease_seconds = lease_seconds
+        #: A statement (or a connection attempt) with no answer after this many seconds is
+        #: given up, and its connection with it: a connection that a firewall, NAT gateway or
+        #: load balancer forgot drops every packet, and the kernel gives up on it only after
+        #: about 15 minutes. The server's statement_timeout cannot help: it never hears of it.
+        self.database_timeout = database_timeout
         self._pool_size = pool_size
         self._listen = listen
         #: A claim's payload budget (estimated from stored sizes, see `claim_batch`).
@@ -207,6 +213,8 @@ class PostgresStore:
                 min_size=self._pool_size,
                 max_size=self._pool_size,
                 max_inactive_connection_lifetime=0,
+                command_timeout=self.database_timeout,
+                timeout=self.database_timeout,
                 init=self._init_connection,
                 reset=keep_session,
                 server_settings={
@@ -389,6 +397,8 @@ class PostgresStore:
         (it prunes; one at a time)."""
         conn = await asyncpg.connect(
             self._dsn,
+            timeout=self.database_timeout,
+            command_timeout=self.database_timeout,
             server_settings={
                 "application_name": f"outbox-relay prune {self._relay_id}"[:63],
                 **PLANNER_SETTINGS,
@@ -532,7 +542,11 @@ class PostgresStore:
             try:
                 # Named like the pool's connections, so pg_stat_activity tells it apart.
                 name = f"outbox-relay listen {self._relay_id}"[:63]
-                conn = await asyncpg.connect(self._dsn, server_settings={"application_name": name})
+                conn = await asyncpg.connect(
+                    self._dsn,
+                    timeout=self.database_timeout,
+                    server_settings={"application_name": name},
+                )
                 closed = asyncio.Event()
                 conn.add_termination_listener(lambda _, event=closed: event.set())
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
