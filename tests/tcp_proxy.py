@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import urlsplit, urlunsplit
 
 
 class SilentProxy:
@@ -27,11 +28,11 @@ class SilentProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
-    def url(self, database_url: str) -> str:
-        """`database_url` with its host and port replaced by the proxy's."""
-        head, at, tail = database_url.rpartition("@")
-        _, slash, rest = tail.partition("/")
-        return f"{head}{at}127.0.0.1:{self.port}{slash}{rest}"
+    def url(self, url: str) -> str:
+        """`url` (postgresql://, redis://) with its host and port replaced by the proxy's."""
+        parts = urlsplit(url)
+        userinfo, at, _ = parts.netloc.rpartition("@")
+        return urlunsplit(parts._replace(netloc=f"{userinfo}{at}127.0.0.1:{self.port}"))
 
     def forget(self) -> None:
         """Every connection open now is lost, silently; new ones pass."""

@@ -48,11 +48,13 @@ from tests.helpers import (
     ROOT,
     assert_per_key_order,
     commit_events,
+    first_seen_order,
     keyed_events,
     pg_relay,
     read_stream,
     relay_process,
 )
+from tests.tcp_proxy import SilentProxy
 
 OOM = "OOM command not allowed when used memory > 'maxmemory'."
 
@@ -836,3 +838,37 @@ async def test_tls_and_acl_mistakes_are_configuration_errors(
         database_url, bad_url, "change-me", "wrong-secret", "reader-secret"
     )
     assert expected in last, last
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_redis_connections_that_the_network_forgets_are_given_up_in_seconds(
+    database_url: str, redis_url: str, topic: str
+) -> None:
+    """The network between the relay and Redis forgets the relay's connection (a firewall's or
+    a NAT gateway's idle timeout): its packets are dropped, with no reset (tests/tcp_proxy.py).
+    The publisher's socket timeout gives up on it, the breaker retries on a new connection,
+    and every event arrives, in order per key, none dead-lettered."""
+    proxy = SilentProxy(urlsplit(redis_url).port or 6379)
+    await proxy.start()
+    before = keyed_events(topic, keys=5, per_key=10)
+    after = keyed_events(topic, keys=5, per_key=10)
+    await commit_events(database_url, before)
+    relay = pg_relay(database_url, RedisPublisher(proxy.url(redis_url)), batch_size=10)
+    relay._breaker = CircuitBreaker(base_seconds=0.05, max_seconds=0.2)
+    task = asyncio.create_task(relay.run())
+    try:
+        await relay.wait_for(lambda s: s.delivered == len(before), timeout=30)
+        proxy.forget()
+        await commit_events(database_url, after)
+        await relay.wait_for(lambda s: s.delivered == len(before) + len(after), timeout=60)
+    finally:
+        relay.request_stop()
+        await task
+        await proxy.stop()
+    assert proxy.forgotten >= 1
+    assert relay.stats.broker_failures >= 1
+    assert relay.stats.dead_lettered == 0
+    received = first_seen_order(await read_stream(redis_url, topic, None))
+    assert {e.id for e in received} == {e.id for e in [*before, *after]}
+    assert_per_key_order(received)
