@@ -38,6 +38,7 @@ from outbox.relay.publishers.kafka_errors import (
     classify,
     kind_of,
 )
+from outbox.relay.retry import CircuitBreaker
 from outbox.relay.seams import HELD_BACK, BrokerUnavailableError, Failure, PublishResult, Verdict
 from tests.helpers import (
     assert_per_key_order,
@@ -47,9 +48,11 @@ from tests.helpers import (
     keyed_events,
     pg_relay,
     read_all,
+    read_topic,
     relay_process,
 )
 from tests.kafka_broker import KafkaBroker, kafka_available, port_open
+from tests.tcp_proxy import SilentProxy
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
 
@@ -751,3 +754,49 @@ async def test_the_ack_watchdog_stops_when_cancelled_as_its_probe_connects(
     async with asyncio.timeout(5):
         await stopping
     assert publisher._abort_reason is None  # stopped, not timed out into an abort
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+async def test_kafka_connections_that_the_network_forgets_are_given_up(database_url: str) -> None:
+    """The network between the relay and Kafka forgets the producer's connections (a firewall's
+    or a NAT gateway's idle timeout): their packets are dropped, with no reset. A broker of our
+    own advertises a proxy that does that (tests/tcp_proxy.py). The producer's request timeout
+    gives up, the relay retries on new connections, and every event arrives, in order per key,
+    none dead-lettered."""
+    if not kafka_available():
+        pytest.skip("no Kafka jars in .services/kafka/libs (run scripts/services.sh up)")
+    port = free_port_pair(29192)
+    proxy = SilentProxy(port)
+    await proxy.start()
+    broker = KafkaBroker(
+        "forgets", port, settings={"advertised.listeners": f"PLAINTEXT://127.0.0.1:{proxy.port}"}
+    )
+    topic = f"forgets-{uuid.uuid4().hex[:8]}"
+    before = keyed_events(topic, keys=5, per_key=10)
+    after = keyed_events(topic, keys=5, per_key=10)
+    try:
+        await asyncio.to_thread(broker.start)
+        bootstrap = f"127.0.0.1:{proxy.port}"
+        await create_topic(bootstrap, topic)
+        await commit_events(database_url, before)
+        relay = pg_relay(database_url, KafkaPublisher(bootstrap), batch_size=10)
+        relay._breaker = CircuitBreaker(base_seconds=0.05, max_seconds=0.2)
+        task = asyncio.create_task(relay.run())
+        try:
+            await relay.wait_for(lambda s: s.delivered == len(before), timeout=60)
+            proxy.forget()
+            await commit_events(database_url, after)
+            await relay.wait_for(lambda s: s.delivered == len(before) + len(after), timeout=120)
+        finally:
+            relay.request_stop()
+            await task
+        received = first_seen_order(await read_topic(bootstrap, topic, len(before) + len(after)))
+    finally:
+        await proxy.stop()
+        await asyncio.to_thread(broker.cleanup)
+    print(f"\n[forgets] {proxy.forgotten} connections forgotten, {relay.stats}")
+    assert proxy.forgotten >= 1
+    assert relay.stats.dead_lettered == 0
+    assert {e.id for e in received} == {e.id for e in [*before, *after]}
+    assert_per_key_order(received)
