@@ -41,6 +41,20 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {redact_text(text)}"
 
 
+#: How Postgres and SQLite name a table that is not there.
+_NO_TABLE = re.compile(r'relation "(outbox_\w+)" does not exist|no such table: (outbox_\w+)')
+
+
+def missing_table(exc: BaseException) -> str | None:
+    """The outbox table that `exc` (or what caused it) says is missing: the database was not
+    migrated, or not to head."""
+    while exc is not None:
+        if found := _NO_TABLE.search(str(exc)):
+            return found.group(1) or found.group(2)
+        exc = exc.__cause__  # type: ignore[assignment]
+    return None
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     click.echo(f"outbox-relay: error: {redact_text(message)}", err=True)
     sys.exit(code)
@@ -107,6 +121,8 @@ def run_async(coro: Coroutine[Any, Any, T], event_loop: str = "asyncio") -> T:
     except ModuleNotFoundError:
         raise  # a missing extra: outbox-relay's main names it (relay/__main__.py)
     except Exception as exc:  # noqa: BLE001 - one line on stderr, never a traceback
+        if table := missing_table(exc):
+            fail(f"{table} does not exist in this database: run `outbox-relay migrate`", 1)
         fail(one_line(exc), 1)
 
 
@@ -297,6 +313,8 @@ def migrate(database_url: str | None, sql: bool, downgrade_to: str | None, check
         else:
             m.upgrade(url, sql=sql)
     except Exception as exc:  # noqa: BLE001 - one line on stderr, never a traceback
+        if table := missing_table(exc):
+            fail(f"{table} does not exist in this database: run `outbox-relay migrate`", 1)
         fail(one_line(exc), 1)
     if not sql:  # with --sql, stdout is the script alone
         now_at = run_async(m.current_revision(url))
@@ -755,23 +773,15 @@ def republish(
     filters = HistoryFilters(*(given[name] for name in names))
     url = load_settings(database_url=given["database_url"]).database_url
 
-    async def _run() -> tuple[list[HistoryGroup], Republished] | str:
-        import asyncpg
-
+    async def _run() -> tuple[list[HistoryGroup], Republished]:
         async with connect(url) as conn:
-            try:
-                groups = await summarize_history(conn, filters)
-                if dry_run or not groups:
-                    return groups, Republished(0, 0, 0)
-                at = datetime.now(UTC)
-                return groups, await republish(conn, filters, at=at, batch_size=batch_size)
-            except asyncpg.UndefinedTableError:
-                return "outbox_delivered does not exist: run `outbox-relay migrate`"
+            groups = await summarize_history(conn, filters)
+            if dry_run or not groups:
+                return groups, Republished(0, 0, 0)
+            at = datetime.now(UTC)
+            return groups, await republish(conn, filters, at=at, batch_size=batch_size)
 
-    result = run_async(_run())
-    if isinstance(result, str):
-        fail(result, 1)
-    groups, done = result
+    groups, done = run_async(_run())
     matched = sum(g.count for g in groups)
     if as_json:
         echo_json(

@@ -133,6 +133,31 @@ async def test_a_newcomer_who_forgot_to_migrate_reads_the_hint_in_full(
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("command", "table"),
+    [
+        (("run", "--broker", "stdout"), "outbox_events"),
+        (("dlq", "list"), "outbox_dead_letters"),
+        (("dlq", "replay", "--all"), "outbox_dead_letters"),
+        (("republish", "--all"), "outbox_delivered"),
+    ],
+    ids=["run", "dlq-list", "dlq-replay", "republish"],
+)
+async def test_every_command_on_a_database_not_migrated_says_to_migrate(
+    empty_database_url: str, command: tuple[str, ...], table: str
+) -> None:
+    """Tried as a new user would: `run` and `dlq` on a database that was never migrated
+    printed Postgres's `UndefinedTableError: relation "outbox_events" does not exist`, with no
+    word of what to do, where `status` and `republish` said to migrate."""
+    done = await asyncio.to_thread(cli, *command, OUTBOX_DATABASE_URL=empty_database_url)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (
+        f"outbox-relay: error: {table} does not exist in this database:"
+        " run `outbox-relay migrate`\n"
+    )
+
+
+@pytest.mark.postgres
 async def test_dlq_list_without_dead_letters_prints_nothing(database_url: str) -> None:
     listed = await asyncio.to_thread(cli, "dlq", "list", OUTBOX_DATABASE_URL=database_url)
     assert (listed.returncode, listed.stdout, listed.stderr) == (0, "", "")

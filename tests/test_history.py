@@ -232,7 +232,8 @@ async def test_republish_refuses_no_selection_and_a_missing_table(
     missing = await republish_cli(empty_database_url, "--all")
     assert missing.returncode == 1
     assert missing.stderr == (
-        "outbox-relay: error: outbox_delivered does not exist: run `outbox-relay migrate`\n"
+        "outbox-relay: error: outbox_delivered does not exist in this database:"
+        " run `outbox-relay migrate`\n"
     )
 
 
