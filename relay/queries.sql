@@ -64,6 +64,10 @@ FROM (
 WHERE c.upto - c.size < $4
 ORDER BY c.seq;
 
+-- name: schema_revision --
+-- The outbox migrations' revision (their own Alembic version table), once at start.
+SELECT version_num FROM outbox_alembic_version;
+
 -- name: horizon_last_seq --
 -- The last seq handed out (migration 0006's SECURITY DEFINER function: no sequence grant).
 SELECT outbox_last_seq();

@@ -418,3 +418,39 @@ async def test_a_relay_whose_connections_the_network_forgot_still_stops(
         relay.request_stop()
         await proxy.stop()
         await task
+
+
+def test_the_schema_head_the_store_knows_is_the_newest_migration() -> None:
+    from outbox.relay.migrate import head_revision
+    from outbox.relay.stores.postgres import SCHEMA_HEAD
+
+    assert head_revision() == SCHEMA_HEAD
+
+
+async def test_a_relay_on_a_database_not_migrated_to_head_says_so(
+    empty_database_url: str,
+) -> None:
+    """A package upgraded without `outbox-relay migrate`: the relay runs on (what needs a
+    newer migration says so itself), and warns once at start."""
+    from outbox.relay import migrate
+
+    await asyncio.to_thread(migrate.upgrade, empty_database_url, "0007")
+    for expected in ("schema_behind", None):
+        store = PostgresStore(empty_database_url)
+        with structlog.testing.capture_logs() as logged:
+            await store.start("schema")
+            await store.stop()
+        said = [e for e in logged if e["event"].startswith("schema_")]
+        if expected is None:
+            assert said == []
+        else:
+            assert said == [
+                {
+                    "event": "schema_behind",
+                    "revision": "0007",
+                    "head": migrate.head_revision(),
+                    "hint": "run `outbox-relay migrate`",
+                    "log_level": "warning",
+                }
+            ]
+            await asyncio.to_thread(migrate.upgrade, empty_database_url)

@@ -34,6 +34,9 @@ from outbox.validation import BUCKETS
 log = relay_logger("relay.store")
 
 NOTIFY_CHANNEL = "outbox_events"
+#: The newest migration (migrations/versions/), which this relay's statements were written for.
+SCHEMA_HEAD = "0009"
+MIGRATE_HINT = "run `outbox-relay migrate`"
 #: Errors that mean "the database cannot serve us now", not "this statement is wrong": the loop
 #: backs off and tries again. Connections dropped, refused or closed mid-query (asyncpg then
 #: sometimes raises InternalClientError "cannot switch to state", a known asyncpg issue), a
@@ -225,9 +228,23 @@ class PostgresStore:
             )
         except CONNECTION_ERRORS as exc:
             raise StoreUnavailableError(f"{self._safe_url}: {exc}") from exc
+        await self._check_schema()
         self._sampler = asyncio.create_task(self._sample_horizon(), name="outbox-horizon")
         if any(v is not None for v in self.retention.values()):
             self._pruner = asyncio.create_task(self._prune_forever(), name="outbox-prune")
+
+    async def _check_schema(self) -> None:
+        """Warn when the database is not at the revision this relay was built with: a package
+        upgraded without `outbox-relay migrate` runs on (each part that needs a newer
+        migration says so, as `claim_floor_off` does), but the operator should know."""
+        try:
+            revision = await self.pool.fetchval(QUERIES["schema_revision"])
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError):
+            return  # not migrated at all, or no grant: the first statement that needs it says
+        if revision is None or revision < SCHEMA_HEAD:  # revisions are 4 digits: "0009"
+            log.warning("schema_behind", revision=revision, head=SCHEMA_HEAD, hint=MIGRATE_HINT)
+        elif revision > SCHEMA_HEAD:  # a newer relay migrated it (a rolling upgrade)
+            log.info("schema_ahead", revision=revision, head=SCHEMA_HEAD)
 
     async def stop(self) -> None:
         for task in (self._listener, self._sampler, self._pruner):
