@@ -313,8 +313,6 @@ def migrate(database_url: str | None, sql: bool, downgrade_to: str | None, check
         else:
             m.upgrade(url, sql=sql)
     except Exception as exc:  # noqa: BLE001 - one line on stderr, never a traceback
-        if table := missing_table(exc):
-            fail(f"{table} does not exist in this database: run `outbox-relay migrate`", 1)
         fail(one_line(exc), 1)
     if not sql:  # with --sql, stdout is the script alone
         now_at = run_async(m.current_revision(url))
