@@ -37,6 +37,23 @@ def test_settings_table_in_operations_doc_is_current() -> None:
     )
 
 
+def test_the_log_events_table_names_every_event_the_code_logs() -> None:
+    """docs/operations.md "Log events" says it lists every event the relay emits, for alerts:
+    four were missing from it (`pruned`, `prune_failed`, and this session's `schema_*`)."""
+    emitted = {
+        m.group(1)
+        for path in (ROOT / "relay").rglob("*.py")
+        for m in re.finditer(
+            r'\blog\.(?:debug|info|warning|error|exception)\(\s*"(\w+)"', path.read_text()
+        )
+    }
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    section = doc[doc.index("\n## Log events\n") : doc.index("\n## Schema\n")]
+    listed = set(re.findall(r"^\| `(\w+)` \|", section, re.MULTILINE))
+    assert len(emitted) > 30  # the pattern still finds the relay's log calls
+    assert (sorted(emitted - listed), sorted(listed - emitted)) == ([], [])
+
+
 # -- `outbox-relay status` in README.md and docs/operations.md ------------------------------------
 
 
