@@ -598,8 +598,7 @@ class _Pipeline:
         `linger` seconds, with the deliveries `join_lingering` adds to its plan meanwhile."""
         self._lingering, self._lingering_where = plan, where
         self._flush.clear()
-        self.settling = asyncio.create_task(self._after_linger(linger, work))
-        self.settling_seqs = [e.seq for e in batch]
+        self.settle(batch, (), self._after_linger(linger, work))
 
     def join_lingering(self, delivered: list[int], where: dict[int, Position] | None) -> bool:
         """Add a batch that was all delivered to the settle still waiting, if there is one."""

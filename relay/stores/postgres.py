@@ -369,7 +369,7 @@ class PostgresStore:
         try:
             row = await self.pool.fetchrow(QUERIES["backlog"])
         except CONNECTION_ERRORS as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+            raise await self._outage(exc) from exc
         assert row is not None
         return Backlog(
             row["pending"], row["oldest_age"], row["unowned_buckets"], row["oldest_snapshot_age"]
